@@ -1,0 +1,3 @@
+from sandvmm.cli import main
+
+main()

@@ -1,0 +1,104 @@
+"""Command line: parses arguments into config objects and hands them to the code that runs them."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from sandvmm.errors import UserError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line and exit status 2."""
+
+    def error(self, message: str) -> None:
+        print(f"{self.prog}: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _package_list(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def _command(args: argparse.Namespace) -> list[str]:
+    command = list(args.command)
+    return command[1:] if command[:1] == ["--"] else command
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="sandvmm", description="A sandboxed, process-per-device KVM virtual machine monitor.")
+    commands = parser.add_subparsers(dest="subcommand", required=True, parser_class=Parser)
+
+    image = commands.add_parser("image", help="build and locate guest images made from Debian packages")
+    image_commands = image.add_subparsers(dest="image_command", required=True, parser_class=Parser)
+    build = image_commands.add_parser("build", help="build (or reuse) the default guest image")
+    build.add_argument("--with", dest="extra", type=_package_list, default=[], metavar="PKG,...",
+                       help="add Debian packages (and the libraries they need) to the guest")
+    build.add_argument("--refresh", action="store_true", help="check the registry for newer package versions")
+    path = image_commands.add_parser("path", help="print the path of one of the image's files")
+    path.add_argument("file", choices=["kernel", "initrd", "lab-initrd"])
+    path.add_argument("--with", dest="extra", type=_package_list, default=[], metavar="PKG,...")
+
+    lab = commands.add_parser("lab", help="run a command inside the nested KVM lab")
+    lab.add_argument("--mem", type=int, default=4096, metavar="MiB", help="lab memory (default 4096)")
+    lab.add_argument("--cpus", type=int, default=None, metavar="N", help="lab vCPUs (default: host cores)")
+    lab.add_argument("--rw", type=Path, action="append", default=[], metavar="DIR",
+                     help="share DIR read-write at the same path (the rest of the host is read-only)")
+    lab.add_argument("--timeout", type=float, default=None, metavar="SECONDS")
+    lab.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ARGS")
+
+    peer = commands.add_parser("peer", help="boot the default guest with QEMU-KVM (the peer benchmarks compare against)")
+    peer.add_argument("--machine", choices=["microvm", "q35"], default="microvm")
+    peer.add_argument("--mem", type=int, default=512, metavar="MiB")
+    peer.add_argument("--cpus", type=int, default=1, metavar="N")
+    peer.add_argument("--with", dest="extra", type=_package_list, default=[], metavar="PKG,...")
+    peer.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ARGS")
+
+    commands.add_parser("doctor", help="say what this host has for running VMs, and what to do about what it lacks")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.subcommand == "image":
+        from sandvmm.image.build import ensure_image, find_image
+
+        if args.image_command == "build":
+            image = ensure_image(args.extra, refresh=args.refresh)
+            print(image.directory)
+            return 0
+        image = find_image(args.extra)
+        if image is None:
+            with_flag = f" --with {','.join(args.extra)}" if args.extra else ""
+            raise UserError("no guest image has been built yet", hint=f"run `sandvmm image build{with_flag}`")
+        print({"kernel": image.kernel, "initrd": image.initrd, "lab-initrd": image.lab_initrd}[args.file])
+        return 0
+    if args.subcommand == "lab":
+        from sandvmm.lab.runner import LabConfig, run as run_lab
+
+        config = LabConfig(command=_command(args), mem_mib=args.mem, rw_dirs=args.rw, timeout=args.timeout)
+        if args.cpus is not None:
+            config.cpus = args.cpus
+        return run_lab(config)
+    if args.subcommand == "peer":
+        from sandvmm.lab.peer import PeerConfig, run as run_peer
+
+        return run_peer(PeerConfig(command=_command(args), machine=args.machine, mem_mib=args.mem,
+                                   cpus=args.cpus, extra=args.extra))
+    if args.subcommand == "doctor":
+        from sandvmm.doctor import report
+
+        return report()
+    raise AssertionError(args.subcommand)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        status = run(args)
+    except UserError as error:
+        print(f"sandvmm: {error}", file=sys.stderr)
+        status = error.status
+    except KeyboardInterrupt:
+        status = 130
+    sys.exit(status)
