@@ -6,11 +6,7 @@ import pytest
 
 from sandvmm.main import kvm, probe
 
-pytestmark = [
-    pytest.mark.kvm,
-    pytest.mark.skipif(not os.access("/dev/kvm", os.R_OK | os.W_OK),
-                       reason="/dev/kvm not usable"),
-]
+pytestmark = pytest.mark.kvm
 
 ITERATIONS = 10_000
 
@@ -53,9 +49,10 @@ def test_guest_that_stops_early_is_rejected(monkeypatch):
 
 
 def test_unexpected_exit_names_reason_and_rip(monkeypatch):
-    # ud2 with no IDT triple-faults -> KVM_EXIT_SHUTDOWN.
+    # ud2 with no IDT triple-faults -> KVM_EXIT_SHUTDOWN. Where RIP then points differs:
+    # kvm_pvm leaves it at the fault, AMD-V has already reset the vCPU to 0xfff0.
     monkeypatch.setattr(probe, "guest_code", lambda n: b"\x0F\x0B")
-    with pytest.raises(probe.ProbeError, match=r"SHUTDOWN.*rip=0x5000"):
+    with pytest.raises(probe.ProbeError, match=r"SHUTDOWN at rip=0x(5000|fff0)"):
         probe.measure(ITERATIONS)
 
 

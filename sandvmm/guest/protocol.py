@@ -1,0 +1,32 @@
+"""What the default guest's init (guest/init.sh) and a VMM booting it agree on."""
+
+from __future__ import annotations
+
+import base64
+import shlex
+
+from sandvmm.errors import UserError
+
+COMMAND_PARAM = "sandvmm.cmd"  # base64 of the shell command line init runs
+STATUS_PORT = 0xF4  # init writes the command's exit status here, one byte
+READY_MARKER = "sandvmm-init: ready"
+EXIT_MARKER = "sandvmm-init: exit"
+BASE_PARAMS = "console=ttyS0 quiet panic=-1"
+CMDLINE_MAX = 2048  # COMMAND_LINE_SIZE on x86
+
+
+def kernel_command_line(command: list[str], params: str = BASE_PARAMS) -> str:
+    """The kernel command line that makes init run `command` (a shell when it is empty)."""
+    line = params
+    if command:
+        encoded = base64.b64encode(shlex.join(command).encode()).decode()
+        line += f" {COMMAND_PARAM}={encoded}"
+    if len(line) >= CMDLINE_MAX:
+        raise UserError(f"the guest command is too long for the kernel command line ({len(line)} bytes)",
+                        hint=f"keep it under about {CMDLINE_MAX * 3 // 4 - len(params)} characters", status=2)
+    return line
+
+
+def status_from_debug_exit(qemu_status: int) -> int | None:
+    """QEMU's isa-debug-exit makes QEMU exit with (value << 1) | 1; None when init never wrote."""
+    return qemu_status >> 1 if qemu_status & 1 else None

@@ -1,0 +1,28 @@
+"""Runs every `kvm` test of this session inside one lab session (see conftest.py)."""
+
+import subprocess
+import sys
+
+import pytest
+
+from sandvmm.doctor import kvm_status
+from sandvmm.errors import UserError
+from sandvmm.lab.runner import qemu_binary
+
+LAB_MEM_MIB = 8192  # room for guests of 4 GiB and more inside the lab
+
+
+@pytest.mark.lab_suite
+def test_kvm_tests_pass_inside_the_lab(request, capsys):
+    nodeids = request.config.kvm_nodeids
+    try:
+        qemu_binary()
+    except UserError as error:
+        pytest.fail(f"the kvm tests cannot run: /dev/kvm is {kvm_status().detail}, and the lab cannot start: {error}"
+                    " (see `sandvmm doctor`)")
+    command = [sys.executable, "-m", "sandvmm", "lab", "--mem", str(LAB_MEM_MIB), "--",
+               sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-m", "kvm", "-rA", *nodeids]
+    with capsys.disabled():
+        print(f"\n--- {len(nodeids)} kvm test(s) inside the lab ---", flush=True)
+        status = subprocess.run(command, cwd=request.config.rootpath).returncode
+    assert status == 0, f"the kvm tests inside the lab failed (pytest exit status {status})"
