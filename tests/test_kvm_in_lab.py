@@ -7,7 +7,9 @@ import pytest
 
 from sandvmm.doctor import kvm_status
 from sandvmm.errors import UserError
+from sandvmm.image.build import ensure_image
 from sandvmm.lab.runner import qemu_binary
+from tests.images import KVM_TEST_IMAGES
 
 LAB_MEM_MIB = 8192  # room for guests of 4 GiB and more inside the lab
 
@@ -20,6 +22,8 @@ def test_kvm_tests_pass_inside_the_lab(request, capsys):
     except UserError as error:
         pytest.fail(f"the kvm tests cannot run: /dev/kvm is {kvm_status().detail}, and the lab cannot start: {error}"
                     " (see `sandvmm doctor`)")
+    for extra in KVM_TEST_IMAGES:
+        ensure_image(extra)
     command = [sys.executable, "-m", "sandvmm", "lab", "--mem", str(LAB_MEM_MIB), "--",
                sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-m", "kvm", "-rA", *nodeids]
     with capsys.disabled():
