@@ -12,6 +12,11 @@ def sandvmm(*args, env=None, timeout=600, **kwargs) -> subprocess.CompletedProce
                           env=full_env, timeout=timeout, **kwargs)
 
 
+def describe(result: subprocess.CompletedProcess) -> str:
+    """The end of a command's output, for assertion messages."""
+    return f"exit {result.returncode}\n--- stdout\n{result.stdout[-3000:]}\n--- stderr\n{result.stderr[-3000:]}"
+
+
 def one_line_error(result: subprocess.CompletedProcess) -> str:
     """The error of a failed command, checked to be a single `sandvmm...:` line with no traceback.
 

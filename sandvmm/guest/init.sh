@@ -4,9 +4,12 @@
 # Protocol with the VMM (docs/lab.md, "The default guest"):
 #   in:  the kernel command line parameter sandvmm.cmd=<base64 of a shell command line>;
 #        without it, an interactive shell on the console.
-#   out: the line "sandvmm-init: ready" on the console once init is running, then the
-#        command's exit status as one byte written to I/O port 0xf4 (QEMU's isa-debug-exit
-#        device understands the same write), then power off.
+#   out: one byte to I/O port 0xf5 as init's first act (the VMM's boot timer); the line
+#        "sandvmm-init: ready" on the console once init is running; the command's exit
+#        status as one byte written to I/O port 0xf4 (QEMU's isa-debug-exit device
+#        understands the same write); then power off.
+# /dev/port and /dev/console come from the initramfs itself, before devtmpfs is mounted.
+/bin/busybox printf '\001' | /bin/busybox dd of=/dev/port bs=1 seek=245 count=1 2>/dev/null
 /bin/busybox --install -s
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root TERM=linux
 mount -t proc proc /proc

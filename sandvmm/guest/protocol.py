@@ -9,9 +9,12 @@ from sandvmm.errors import UserError
 
 COMMAND_PARAM = "sandvmm.cmd"  # base64 of the shell command line init runs
 STATUS_PORT = 0xF4  # init writes the command's exit status here, one byte
+READY_PORT = 0xF5  # init writes any byte here as its first act: the boot timer's mark
 READY_MARKER = "sandvmm-init: ready"
 EXIT_MARKER = "sandvmm-init: exit"
-BASE_PARAMS = "console=ttyS0 quiet panic=-1"
+# no_timer_check: under a loaded or nested host the kernel's IO-APIC timer check can miss
+# its deadline and panic with "IO-APIC + timer doesn't work!"; a VM's timer is known good.
+BASE_PARAMS = "console=ttyS0 quiet panic=-1 no_timer_check"
 CMDLINE_MAX = 2048  # COMMAND_LINE_SIZE on x86
 
 

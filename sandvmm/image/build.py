@@ -29,11 +29,12 @@ from sandvmm.errors import UserError
 from sandvmm.image.apt import Package, PrivateApt, progress
 from sandvmm.image.cpio import CpioWriter
 
-BUILDER_VERSION = 1  # bump when the image layout or an init script changes
+BUILDER_VERSION = 2  # bump when the image layout or an init script changes
 
 GUEST_MODULES = (
     "virtio_blk", "virtio_net", "virtio_rng", "virtio_input", "virtio_balloon",
     "vmw_vsock_virtio_transport", "virtio_gpu", "virtio_snd", "ext4", "9pnet_virtio", "9p",
+    "pvpanic_mmio",  # tells the VMM about a kernel panic (ACPI device QEMU0001)
 )
 LAB_MODULES = ("kvm_amd", "9pnet_virtio", "9p", "overlay", "tun", "ext4")
 # Documentation is of no use in a guest and is most of some packages' size.
@@ -183,6 +184,7 @@ def _write_initramfs(path: Path, init_script, busybox: bytes, modules: "KernelMo
         for directory in ("dev", "proc", "sys", "run", "tmp", "root", "etc", "lib/modules", "usr/bin", "usr/sbin", "sbin"):
             cpio.makedirs(directory)
         cpio.char_device("dev/console", 5, 1)
+        cpio.char_device("dev/port", 1, 4)
         cpio.file("bin/busybox", busybox, 0o755)
         cpio.symlink("bin/sh", "busybox")
         cpio.file("init", init_script.read_bytes(), 0o755)

@@ -118,9 +118,34 @@ class KvmRun(ctypes.Structure):
                 ("cr8", u64), ("apic_base", u64), ("exit", _KvmRunExitUnion)]
 
 
+class KvmCpuidEntry2(ctypes.Structure):
+    _fields_ = [("function", u32), ("index", u32), ("flags", u32), ("eax", u32), ("ebx", u32),
+                ("ecx", u32), ("edx", u32), ("padding", u32 * 3)]
+
+
+class KvmMsrEntry(ctypes.Structure):
+    _fields_ = [("index", u32), ("reserved", u32), ("data", u64)]
+
+
+class KvmIrqLevel(ctypes.Structure):
+    _fields_ = [("irq", u32), ("level", u32)]
+
+
+class KvmPitConfig(ctypes.Structure):
+    _fields_ = [("flags", u32), ("pad", u32 * 15)]
+
+
+def _counted(entry_type, count: int, count_field: str = "nent"):
+    """A kvm_cpuid2/kvm_msrs-style struct: a u32 count, padding, then `count` entries."""
+    class Counted(ctypes.Structure):
+        _fields_ = [(count_field, u32), ("padding", u32), ("entries", entry_type * count)]
+    return Counted
+
+
 # A wrong layout would corrupt memory silently; fail loudly at import instead.
 assert ctypes.sizeof(KvmRegs) == 144 and ctypes.sizeof(KvmSregs) == 312
 assert ctypes.sizeof(KvmUserspaceMemoryRegion) == 32 and KvmRun.exit.offset == 32
+assert ctypes.sizeof(KvmCpuidEntry2) == 40 and ctypes.sizeof(KvmPitConfig) == 64
 
 # --- ioctls ------------------------------------------------------------------
 KVMIO = 0xAE
@@ -130,6 +155,12 @@ KVM_GET_API_VERSION = _IO(KVMIO, 0x00)
 KVM_CREATE_VM = _IO(KVMIO, 0x01)
 KVM_CHECK_EXTENSION = _IO(KVMIO, 0x03)
 KVM_GET_VCPU_MMAP_SIZE = _IO(KVMIO, 0x04)
+KVM_GET_SUPPORTED_CPUID = _IOC(3, KVMIO, 0x05, 8)  # sizes count the header only
+KVM_CREATE_IRQCHIP = _IO(KVMIO, 0x60)
+KVM_IRQ_LINE = _IOW(KVMIO, 0x61, KvmIrqLevel)
+KVM_CREATE_PIT2 = _IOW(KVMIO, 0x77, KvmPitConfig)
+KVM_SET_MSRS = _IOC(1, KVMIO, 0x89, 8)
+KVM_SET_CPUID2 = _IOC(1, KVMIO, 0x90, 8)
 KVM_CREATE_VCPU = _IO(KVMIO, 0x41)
 KVM_SET_USER_MEMORY_REGION = _IOW(KVMIO, 0x46, KvmUserspaceMemoryRegion)
 KVM_SET_TSS_ADDR = _IO(KVMIO, 0x47)
@@ -148,6 +179,12 @@ _IOCTL_NAMES = {v: k for k, v in globals().items()
 KVM_CAP_USER_MEMORY = 3
 KVM_CAP_SET_TSS_ADDR = 4
 KVM_CAP_SET_IDENTITY_MAP_ADDR = 37
+KVM_CAP_IRQCHIP = 0
+KVM_CAP_PIT2 = 33
+KVM_CAP_IMMEDIATE_EXIT = 136
+
+# kvm_run.system_event.type
+KVM_SYSTEM_EVENT_SHUTDOWN, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_CRASH = 1, 2, 3
 
 # Exit reasons (kvm_run.exit_reason).
 KVM_EXIT_UNKNOWN, KVM_EXIT_EXCEPTION, KVM_EXIT_IO, KVM_EXIT_HYPERCALL = 0, 1, 2, 3
@@ -242,6 +279,19 @@ class Kvm(_Fd):
     def create_vm(self, machine_type: int = 0) -> Vm:
         return Vm(self, _ioctl(self.fd, KVM_CREATE_VM, machine_type))
 
+    def supported_cpuid(self) -> list[KvmCpuidEntry2]:
+        """Every CPUID leaf KVM can offer a guest on this host."""
+        for count in (128, 256, 512):
+            table = _counted(KvmCpuidEntry2, count)(nent=count)
+            try:
+                _ioctl(self.fd, KVM_GET_SUPPORTED_CPUID, table)
+            except KvmError as e:
+                if e.errno == _errno.E2BIG:
+                    continue
+                raise
+            return list(table.entries[:table.nent])
+        raise KvmError("KVM_GET_SUPPORTED_CPUID: too many entries")
+
 
 class Vm(_Fd):
     def __init__(self, kvm: Kvm, fd: int) -> None:
@@ -270,6 +320,16 @@ class Vm(_Fd):
 
     def create_vcpu(self, vcpu_id: int = 0) -> Vcpu:
         return Vcpu(self, _ioctl(self.fd, KVM_CREATE_VCPU, vcpu_id))
+
+    def create_irqchip(self) -> None:
+        """The in-kernel PIC, IOAPIC and per-vCPU local APICs."""
+        _ioctl(self.fd, KVM_CREATE_IRQCHIP)
+
+    def create_pit(self) -> None:
+        _ioctl(self.fd, KVM_CREATE_PIT2, KvmPitConfig())
+
+    def irq_line(self, irq: int, level: bool) -> None:
+        _ioctl(self.fd, KVM_IRQ_LINE, KvmIrqLevel(irq, int(level)))
 
 
 class Vcpu(_Fd):
@@ -318,6 +378,26 @@ class Vcpu(_Fd):
         """Supply the value for an IN exit; KVM picks it up on the next run()."""
         off = self.kvm_run.io.data_offset
         self._run_map[off:off + len(data)] = data
+
+    def set_cpuid(self, entries: list[KvmCpuidEntry2]) -> None:
+        table = _counted(KvmCpuidEntry2, len(entries))(nent=len(entries))
+        table.entries[:] = entries
+        _ioctl(self.fd, KVM_SET_CPUID2, table)
+
+    def set_msrs(self, values: dict[int, int]) -> None:
+        table = _counted(KvmMsrEntry, len(values), "nmsrs")(nmsrs=len(values))
+        table.entries[:] = [KvmMsrEntry(index, 0, data) for index, data in values.items()]
+        written = _ioctl(self.fd, KVM_SET_MSRS, table)
+        if written != len(values):
+            bad = list(values)[written]
+            raise KvmError(f"KVM_SET_MSRS refused MSR {bad:#x}")
+
+    def mmio_data(self) -> bytes:
+        mmio = self.kvm_run.mmio
+        return bytes(mmio.data[:mmio.len])
+
+    def set_mmio_data(self, data: bytes) -> None:
+        self.kvm_run.mmio.data[:len(data)] = data
 
     def get_regs(self) -> KvmRegs:
         regs = KvmRegs()

@@ -10,14 +10,14 @@ import pytest
 
 from sandvmm.doctor import kvm_status
 from sandvmm.main import probe
-from tests.helpers import sandvmm
+from tests.helpers import describe, sandvmm
 
 pytestmark = pytest.mark.lab
 
 
 def test_exit_status_and_both_streams_come_back():
     result = sandvmm("lab", "--", "sh", "-c", "echo to-stdout; echo to-stderr >&2; exit 7")
-    assert result.returncode == 7, result
+    assert result.returncode == 7, describe(result)
     assert result.stdout.splitlines() == ["to-stdout"]
     assert "to-stderr" in result.stderr.splitlines()
 
@@ -37,7 +37,7 @@ def test_output_streams_while_the_job_runs():
 def test_working_directory_and_environment_are_preserved(tmp_path):
     result = sandvmm("lab", "--", "sh", "-c", 'pwd; echo "$LAB_TEST_VALUE"; echo "$PATH"; id -u',
                      env={"LAB_TEST_VALUE": "it's a \"quoted\" $value"}, cwd=tmp_path)
-    assert result.returncode == 0, result
+    assert result.returncode == 0, describe(result)
     lines = result.stdout.splitlines()
     assert lines[0] == str(tmp_path)
     assert lines[1] == "it's a \"quoted\" $value"
@@ -52,7 +52,7 @@ def test_rw_share_writes_through_and_the_rest_of_the_host_does_not(tmp_path):
     elsewhere.mkdir()
     result = sandvmm("lab", "--rw", str(results), "--", "sh", "-c",
                      f"echo kept > {results}/out.txt && echo dropped > {elsewhere}/out.txt && cat {elsewhere}/out.txt")
-    assert result.returncode == 0, result
+    assert result.returncode == 0, describe(result)
     assert (results / "out.txt").read_text() == "kept\n"
     assert result.stdout == "dropped\n"  # the job could write there (an overlay)...
     assert not (elsewhere / "out.txt").exists()  # ...but the host never saw it
@@ -60,13 +60,13 @@ def test_rw_share_writes_through_and_the_rest_of_the_host_does_not(tmp_path):
 
 def test_the_lab_has_a_real_kvm_amd():
     result = sandvmm("lab", "--", "sh", "-c", "test -e /sys/module/kvm_amd && test -c /dev/kvm && grep -q svm /proc/cpuinfo")
-    assert result.returncode == 0, result
+    assert result.returncode == 0, describe(result)
 
 
 def test_guest_code_runs_at_least_100x_faster_in_the_lab_than_on_this_hosts_kvm():
     """The point of the lab: on a host whose /dev/kvm is emulated, guests run at hardware speed inside it."""
     inside = sandvmm("lab", "--", sys.executable, "-m", "sandvmm.main.probe", "--iterations", "100000000", "--json")
-    assert inside.returncode == 0, inside
+    assert inside.returncode == 0, describe(inside)
     lab_rate = json.loads(inside.stdout)["rate"]
     host_rate = probe.measure(1_000_000).rate
     ratio = lab_rate / host_rate

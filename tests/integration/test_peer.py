@@ -3,7 +3,7 @@
 import pytest
 
 from sandvmm.guest.protocol import EXIT_MARKER, READY_MARKER
-from tests.helpers import sandvmm
+from tests.helpers import describe, sandvmm
 
 pytestmark = pytest.mark.kvm
 
@@ -12,7 +12,7 @@ pytestmark = pytest.mark.kvm
 def test_default_guest_runs_a_command_and_reports_its_status(machine):
     result = sandvmm("peer", "--machine", machine, "--cpus", "2", "--",
                      "sh", "-c", "grep -c ^processor /proc/cpuinfo; ls /dev/hwrng >/dev/null 2>&1; exit 5")
-    assert result.returncode == 5, result
+    assert result.returncode == 5, describe(result)
     lines = result.stdout.splitlines()
     assert READY_MARKER in lines
     assert lines[lines.index(READY_MARKER) + 1] == "2"
@@ -21,18 +21,18 @@ def test_default_guest_runs_a_command_and_reports_its_status(machine):
 
 def test_guest_command_keeps_its_quoting():
     result = sandvmm("peer", "--", "printf", "%s|", "two words", "it's")
-    assert result.returncode == 0, result
+    assert result.returncode == 0, describe(result)
     assert "two words|it's|" in result.stdout
 
 
 def test_virtio_modules_are_loaded():
     result = sandvmm("peer", "--", "sh", "-c", "cat /proc/modules | cut -d' ' -f1")
-    assert result.returncode == 0, result
+    assert result.returncode == 0, describe(result)
     for module in ("virtio_blk", "virtio_net", "virtio_rng", "virtio_gpu", "virtio_snd", "ext4"):
         assert module in result.stdout.split(), module
 
 
 def test_with_packages_bring_their_libraries():
     result = sandvmm("peer", "--with", "hello", "--", "hello", "--greeting=from a Debian package")
-    assert result.returncode == 0, result
+    assert result.returncode == 0, describe(result)
     assert "from a Debian package" in result.stdout.splitlines()

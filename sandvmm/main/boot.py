@@ -1,0 +1,143 @@
+"""The Linux x86 boot protocol: load a bzImage and its initrd, fill boot_params, enter at 64 bits.
+
+We skip the kernel's real-mode setup code entirely and jump to the 64-bit entry point
+(startup_64, 0x200 past the protected-mode kernel), which the boot protocol allows since
+2.12 when the loader provides: long mode with an identity map covering the kernel,
+boot_params and the command line; a GDT with flat __BOOT_CS/__BOOT_DS; %rsi pointing at
+boot_params. Offsets below are those of Documentation/arch/x86/boot.rst and zero-page.rst.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from sandvmm.errors import UserError
+from sandvmm.main.memory import GuestMemory, e820_map
+
+# Where our boot structures live in low RAM (all below the EBDA, above the real-mode IVT).
+GDT_ADDRESS = 0x500
+BOOT_PARAMS_ADDRESS = 0x7000
+PML4_ADDRESS = 0x9000  # then one PDPT page and four PD pages: 4 GiB in 2 MiB pages
+CMDLINE_ADDRESS = 0x20000
+ACPI_ADDRESS = 0xE0000  # in the BIOS area, where the kernel's RSDP scan also looks
+KERNEL_ADDRESS = 0x1000000  # 16 MiB, the usual pref_address of x86-64 kernels
+
+BOOT_CS, BOOT_DS = 0x10, 0x18
+MIN_PROTOCOL = 0x020C  # 2.12: 64-bit entry point and xloadflags
+XLF_KERNEL_64 = 1 << 0
+LOADED_HIGH = 1 << 0
+PAGE = 4096
+
+
+@dataclass(frozen=True)
+class BzImage:
+    setup_header: bytes  # from offset 0x1f1 to the header's end, copied into boot_params
+    kernel: bytes  # the protected-mode part
+    protocol: int
+    initrd_addr_max: int
+    cmdline_size: int
+    init_size: int
+    pref_address: int
+
+    @classmethod
+    def parse(cls, data: bytes, path: str = "kernel") -> BzImage:
+        def fail(why: str) -> UserError:
+            return UserError(f"{path} is not a bootable x86-64 bzImage: {why}",
+                             hint="pass a Linux bzImage (e.g. /boot/vmlinuz-*) with --kernel", status=2)
+
+        if len(data) < 0x1000 or data[0x1FE:0x200] != b"\x55\xaa" or data[0x202:0x206] != b"HdrS":
+            raise fail("no Linux boot header")
+        protocol = struct.unpack_from("<H", data, 0x206)[0]
+        if protocol < MIN_PROTOCOL:
+            raise fail(f"boot protocol {protocol >> 8}.{protocol & 0xff} is older than 2.12")
+        if not struct.unpack_from("<H", data, 0x236)[0] & XLF_KERNEL_64:
+            raise fail("it has no 64-bit entry point")
+        setup_sectors = data[0x1F1] or 4
+        header_end = 0x202 + data[0x201]
+        kernel = data[(setup_sectors + 1) * 512:]
+        if not kernel:
+            raise fail("it is truncated")
+        return cls(
+            setup_header=data[0x1F1:header_end],
+            kernel=kernel,
+            protocol=protocol,
+            initrd_addr_max=struct.unpack_from("<I", data, 0x22C)[0],
+            cmdline_size=struct.unpack_from("<I", data, 0x238)[0],
+            init_size=struct.unpack_from("<I", data, 0x260)[0],
+            pref_address=struct.unpack_from("<Q", data, 0x258)[0],
+        )
+
+
+def read_kernel(path: Path) -> BzImage:
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise UserError(f"cannot read kernel {path}: {error.strerror}", status=2) from None
+    return BzImage.parse(data, str(path))
+
+
+def place_initrd(memory: GuestMemory, size: int, kernel_end: int, addr_max: int) -> int:
+    """The highest page-aligned address that fits below both addr_max and the end of low RAM."""
+    low_end = memory.regions[0].end
+    top = min(addr_max + 1, low_end)
+    address = (top - size) & ~(PAGE - 1)
+    if address < kernel_end:
+        raise UserError(f"the initrd ({size >> 20} MiB) does not fit in guest memory below "
+                        f"{top >> 20} MiB", hint="give the guest more --mem", status=2)
+    return address
+
+
+def load_linux(memory: GuestMemory, image: BzImage, cmdline: str, initrd: bytes | None,
+               rsdp_address: int) -> int:
+    """Put kernel, initrd, command line, boot_params and page tables in guest RAM.
+
+    Returns the 64-bit entry point; the boot vCPU starts there with %rsi = BOOT_PARAMS_ADDRESS.
+    """
+    encoded = cmdline.encode() + b"\0"
+    if len(encoded) > min(image.cmdline_size + 1, BOOT_PARAMS_ADDRESS):
+        raise UserError(f"the kernel command line is {len(encoded)} bytes; this kernel takes "
+                        f"{image.cmdline_size}", status=2)
+    load_address = KERNEL_ADDRESS
+    kernel_end = load_address + max(image.init_size, len(image.kernel))
+    if kernel_end > memory.regions[0].end:
+        raise UserError(f"the kernel needs {kernel_end >> 20} MiB of low memory", hint="give the guest more --mem", status=2)
+    memory.write(load_address, image.kernel)
+    memory.write(CMDLINE_ADDRESS, encoded)
+
+    params = bytearray(PAGE)
+    params[0x1F1:0x1F1 + len(image.setup_header)] = image.setup_header
+    params[0x210] = 0xFF  # type_of_loader: "undefined", as the protocol asks of new loaders
+    params[0x211] |= LOADED_HIGH
+    struct.pack_into("<I", params, 0x228, CMDLINE_ADDRESS)
+    struct.pack_into("<Q", params, 0x070, rsdp_address)
+    if initrd:
+        initrd_address = place_initrd(memory, len(initrd), kernel_end, image.initrd_addr_max)
+        memory.write(initrd_address, initrd)
+        struct.pack_into("<II", params, 0x218, initrd_address, len(initrd))
+    entries = e820_map(memory.size)
+    params[0x1E8] = len(entries)
+    for index, entry in enumerate(entries):
+        struct.pack_into("<QQI", params, 0x2D0 + 20 * index, *entry)
+    memory.write(BOOT_PARAMS_ADDRESS, bytes(params))
+    write_page_tables(memory)
+    write_gdt(memory)
+    return load_address + 0x200
+
+
+def write_page_tables(memory: GuestMemory) -> None:
+    """Identity-map the first 4 GiB with 2 MiB pages: all the entry code may touch."""
+    present_writable, large = 0x3, 0x80
+    pdpt = PML4_ADDRESS + PAGE
+    memory.write(PML4_ADDRESS, struct.pack("<Q", pdpt | present_writable))
+    for gib in range(4):
+        directory = pdpt + PAGE * (gib + 1)
+        memory.write(pdpt + 8 * gib, struct.pack("<Q", directory | present_writable))
+        entries = [((gib << 30) + (index << 21)) | present_writable | large for index in range(512)]
+        memory.write(directory, struct.pack("<512Q", *entries))
+
+
+def write_gdt(memory: GuestMemory) -> None:
+    # null, null, __BOOT_CS (64-bit code), __BOOT_DS (flat data)
+    memory.write(GDT_ADDRESS, struct.pack("<4Q", 0, 0, 0x00AF9B000000FFFF, 0x00CF93000000FFFF))

@@ -1,0 +1,97 @@
+"""Guest RAM: one memfd, mapped shared, laid out around the x86 MMIO hole.
+
+One memfd rather than anonymous memory so that device children can map the very same
+pages (inherited across fork, or passed over a socket). It is sealed against shrinking:
+a child that truncated it would make main fault (SIGBUS) on every access past the new end.
+
+Guest-physical layout:
+  0 .. 3 GiB          RAM (the first 1 MiB has the legacy holes marked reserved in e820)
+  3 GiB .. 4 GiB      MMIO hole: PCI BARs and ECAM, IOAPIC, LAPIC, the TSS pages
+  4 GiB ..            the rest of RAM when --mem is larger than 3 GiB
+"""
+
+from __future__ import annotations
+
+import fcntl
+import mmap
+import os
+from dataclasses import dataclass
+
+MiB = 1 << 20
+GiB = 1 << 30
+MMIO_HOLE_START = 3 * GiB
+MMIO_HOLE_END = 4 * GiB
+EBDA_START = 0x9FC00  # conventional memory ends here; BIOS data, VGA and ROM follow
+HIGH_MEMORY_START = 1 * MiB
+
+E820_RAM = 1
+E820_RESERVED = 2
+
+
+class GuestMemoryError(ValueError):
+    """A guest-physical range that is not entirely RAM."""
+
+
+@dataclass(frozen=True)
+class Region:
+    guest_address: int
+    size: int
+    file_offset: int  # where this region starts in the memfd (and in our mapping)
+
+    @property
+    def end(self) -> int:
+        return self.guest_address + self.size
+
+
+def ram_regions(size: int) -> list[Region]:
+    low = min(size, MMIO_HOLE_START)
+    regions = [Region(0, low, 0)]
+    if size > low:
+        regions.append(Region(MMIO_HOLE_END, size - low, low))
+    return regions
+
+
+def e820_map(size: int) -> list[tuple[int, int, int]]:
+    """(address, length, type) entries for boot_params."""
+    low, *high = ram_regions(size)
+    entries = [
+        (0, EBDA_START, E820_RAM),
+        (EBDA_START, HIGH_MEMORY_START - EBDA_START, E820_RESERVED),
+        (HIGH_MEMORY_START, low.size - HIGH_MEMORY_START, E820_RAM),
+    ]
+    entries += [(region.guest_address, region.size, E820_RAM) for region in high]
+    return entries
+
+
+class GuestMemory:
+    def __init__(self, size: int, name: str = "sandvmm-guest-ram"):
+        self.size = size
+        self.regions = ram_regions(size)
+        self.fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        os.ftruncate(self.fd, size)
+        fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
+        self.mapping = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self.view = memoryview(self.mapping)
+
+    def offset(self, address: int, length: int) -> int:
+        """Where [address, address+length) lives in our mapping; it must not cross a region."""
+        for region in self.regions:
+            if region.guest_address <= address and address + length <= region.end and length >= 0:
+                return region.file_offset + address - region.guest_address
+        raise GuestMemoryError(f"guest range {address:#x}+{length:#x} is not RAM")
+
+    def slice(self, address: int, length: int) -> memoryview:
+        """A zero-copy view of guest RAM."""
+        start = self.offset(address, length)
+        return self.view[start:start + length]
+
+    def read(self, address: int, length: int) -> bytes:
+        return bytes(self.slice(address, length))
+
+    def write(self, address: int, data: bytes) -> None:
+        self.slice(address, len(data))[:] = data
+
+    def close(self) -> None:
+        self.view.release()
+        self.mapping.close()
+        os.close(self.fd)
