@@ -21,6 +21,22 @@ def _package_list(text: str) -> list[str]:
     return [name.strip() for name in text.split(",") if name.strip()]
 
 
+def _serial_option(text: str) -> dict[str, str]:
+    """crosvm's --serial key=value list; we support COM1 to stdout, a file, or nowhere."""
+    options = dict(item.partition("=")[::2] for item in text.split(",") if item)
+    kind = options.get("type", "stdout")
+    if kind not in ("stdout", "file", "sink"):
+        raise argparse.ArgumentTypeError(f"type={kind} is not supported (stdout, file or sink)")
+    if kind == "file" and not options.get("path"):
+        raise argparse.ArgumentTypeError("type=file needs path=")
+    if options.get("hardware", "serial") != "serial" or options.get("num", "1") != "1":
+        raise argparse.ArgumentTypeError("only hardware=serial,num=1 (COM1) is supported")
+    unknown = set(options) - {"type", "path", "hardware", "num", "console", "stdin"}
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown --serial option {sorted(unknown)[0]}")
+    return options
+
+
 def _command(args: argparse.Namespace) -> list[str]:
     command = list(args.command)
     return command[1:] if command[:1] == ["--"] else command
@@ -39,6 +55,18 @@ def build_parser() -> Parser:
     path = image_commands.add_parser("path", help="print the path of one of the image's files")
     path.add_argument("file", choices=["kernel", "initrd", "lab-initrd"])
     path.add_argument("--with", dest="extra", type=_package_list, default=[], metavar="PKG,...")
+
+    run = commands.add_parser("run", help="boot a guest; with -- CMD, run CMD in the default guest and exit with its status")
+    run.add_argument("--kernel", type=Path, help="bzImage to boot (default: the default guest's kernel)")
+    run.add_argument("--initrd", type=Path, help="initramfs (default: the default guest's, when --kernel is not given)")
+    run.add_argument("-p", "--params", default="", metavar="STR", help="extra kernel command line parameters")
+    run.add_argument("-m", "--mem", type=int, default=512, metavar="MiB", help="guest memory (default 512)")
+    run.add_argument("-c", "--cpus", type=int, default=1, metavar="N", help="vCPUs (default 1)")
+    run.add_argument("--serial", type=_serial_option, default=None, metavar="type=stdout|file|sink[,path=P][,hardware=serial][,num=1]",
+                     help="where the guest's COM1 goes (crosvm's spelling)")
+    run.add_argument("--kvm-device", default="/dev/kvm", metavar="PATH", help="the KVM device (default /dev/kvm)")
+    run.add_argument("-v", "--verbose", action="store_true", help="log boot timing and the VM's end to stderr")
+    run.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ARGS")
 
     lab = commands.add_parser("lab", help="run a command inside the nested KVM lab")
     lab.add_argument("--mem", type=int, default=4096, metavar="MiB", help="lab memory (default 4096)")
@@ -73,6 +101,17 @@ def run(args: argparse.Namespace) -> int:
             raise UserError("no guest image has been built yet", hint=f"run `sandvmm image build{with_flag}`")
         print({"kernel": image.kernel, "initrd": image.initrd, "lab-initrd": image.lab_initrd}[args.file])
         return 0
+    if args.subcommand == "run":
+        import logging
+
+        from sandvmm.main.run import RunConfig, run as run_vm
+
+        logging.basicConfig(format="sandvmm: %(message)s", level=logging.INFO if args.verbose else logging.WARNING)
+        serial = args.serial or {"type": "stdout"}
+        serial_output = {"stdout": None, "sink": Path("/dev/null")}.get(serial["type"], Path(serial.get("path", "")))
+        return run_vm(RunConfig(kernel=args.kernel, initrd=args.initrd, params=args.params, mem_mib=args.mem,
+                                cpus=args.cpus, command=_command(args), serial_output=serial_output,
+                                kvm_device=args.kvm_device))
     if args.subcommand == "lab":
         from sandvmm.lab.runner import LabConfig, run as run_lab
 

@@ -71,7 +71,8 @@ class Image:
 
 
 def request_key(extra: list[str]) -> str:
-    return ",".join(sorted(set(extra))) or "default"
+    # The builder version is part of the key so that a changed init script is rebuilt.
+    return f"v{BUILDER_VERSION}:" + (",".join(sorted(set(extra))) or "default")
 
 
 def _index_path() -> Path:

@@ -1,0 +1,159 @@
+"""The machine: KVM VM, guest RAM, in-kernel irqchip, legacy devices, vCPUs, and how it ends.
+
+Everything here runs in the main process. Build order matters: the irqchip must exist
+before vCPUs are created, and CPUID must be set before a vCPU first runs.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from sandvmm.errors import UserError
+from sandvmm.guest.protocol import READY_PORT, STATUS_PORT
+from sandvmm.main import acpi, kvm
+from sandvmm.main.boot import ACPI_ADDRESS, BzImage, load_linux
+from sandvmm.main.bus import Bus
+from sandvmm.main.cpu import boot_msrs, enter_long_mode, vcpu_cpuid
+from sandvmm.main.legacy.i8042 import I8042
+from sandvmm.main.legacy.pm import PowerManagement
+from sandvmm.main.legacy.rtc import Rtc
+from sandvmm.main.legacy.serial import Serial
+from sandvmm.main.memory import GuestMemory, MiB
+from sandvmm.main.vcpu import VcpuThread
+
+TSS_ADDRESS = 0xFFFBD000
+IDENTITY_MAP_ADDRESS = 0xFFFBC000
+COM1_PORT, COM1_IRQ = 0x3F8, 4
+PM_PORT = 0x600
+PVPANIC_PORT = 0x505
+PVPANIC_PANICKED, PVPANIC_CRASH_LOADED = 1, 2
+
+
+@dataclass
+class MachineConfig:
+    kernel: BzImage
+    initrd: Path | None
+    cmdline: str
+    mem_mib: int = 512
+    cpus: int = 1
+
+
+@dataclass
+class Outcome:
+    """How the VM ended. kind: exit (status reported by init), poweroff, reset, panic, error, signal."""
+    kind: str
+    status: int = 0
+    detail: str = ""
+
+
+class PortCallback:
+    """A write-only I/O port that hands each byte it receives to a callback."""
+
+    def __init__(self, on_write: Callable[[int], None], read_value: int = 0xFF):
+        self.on_write = on_write
+        self.read_value = read_value
+
+    def read(self, offset: int, size: int) -> bytes:
+        return bytes([self.read_value]) * size
+
+    def write(self, offset: int, data: bytes) -> None:
+        if data:
+            self.on_write(data[0])
+
+
+class Machine:
+    def __init__(self, config: MachineConfig, console_output: Callable[[bytes], None],
+                 on_ready: Callable[[], None] = lambda: None, kvm_device: str = "/dev/kvm"):
+        self.config = config
+        self._outcome: Outcome | None = None
+        self._ended = threading.Event()
+        self._lock = threading.Lock()
+        self.kvm = kvm.Kvm(kvm_device)
+        self.vm = self.kvm.create_vm()
+        self.vm.set_tss_addr(TSS_ADDRESS)
+        self.vm.set_identity_map_addr(IDENTITY_MAP_ADDRESS)
+        self.memory = GuestMemory(config.mem_mib * MiB)
+        base = kvm.mmap_address(self.memory.mapping)
+        for slot, region in enumerate(self.memory.regions):
+            self.vm.set_user_memory_region(slot, region.guest_address, region.size, base + region.file_offset)
+        self.vm.create_irqchip()
+        self.vm.create_pit()
+
+        self.io_bus, self.mmio_bus = Bus("io"), Bus("mmio")
+        self.serial = Serial(console_output, lambda: self._pulse_irq(COM1_IRQ))
+        self.io_bus.register(COM1_PORT, 8, self.serial)
+        i8042 = I8042(on_reset=lambda: self.end(Outcome("reset", detail="i8042 reset")))
+        self.io_bus.register(0x60, 1, i8042.data_port)
+        self.io_bus.register(0x64, 1, i8042.command_port)
+        rtc = Rtc()
+        self.io_bus.register(0x70, 2, rtc)
+        self.io_bus.register(PM_PORT, 16, PowerManagement(
+            on_power_off=lambda: self.end(Outcome("poweroff")),
+            on_reset=lambda: self.end(Outcome("reset", detail="ACPI reset"))))
+        self.io_bus.register(STATUS_PORT, 1, PortCallback(lambda value: self.end(Outcome("exit", value))))
+        self.io_bus.register(READY_PORT, 1, PortCallback(lambda value: on_ready()))
+        self.io_bus.register(PVPANIC_PORT, 1, PortCallback(self._pvpanic, PVPANIC_PANICKED | PVPANIC_CRASH_LOADED))
+
+        tables, rsdp = acpi.build_tables(acpi.AcpiConfig(cpus=config.cpus, pm_base=PM_PORT,
+                                                         dsdt_extra=acpi.pvpanic_device(PVPANIC_PORT)), ACPI_ADDRESS)
+        self.memory.write(ACPI_ADDRESS, tables)
+        initrd = self._read_initrd()
+        entry = load_linux(self.memory, config.kernel, config.cmdline, initrd, rsdp)
+
+        supported = self.kvm.supported_cpuid()
+        self.vcpus: list[VcpuThread] = []
+        for index in range(config.cpus):
+            vcpu = self.vm.create_vcpu(index)
+            vcpu.set_cpuid(vcpu_cpuid(supported, index, config.cpus))
+            vcpu.set_msrs(boot_msrs())
+            if index == 0:
+                enter_long_mode(vcpu, entry)  # the others wait for the guest's INIT/SIPI
+            self.vcpus.append(VcpuThread(index, vcpu, self.io_bus, self.mmio_bus, self._vcpu_event))
+
+    def _read_initrd(self) -> bytes | None:
+        if self.config.initrd is None:
+            return None
+        try:
+            return self.config.initrd.read_bytes()
+        except OSError as error:
+            raise UserError(f"cannot read initrd {self.config.initrd}: {error.strerror}", status=2) from None
+
+    def _pulse_irq(self, irq: int) -> None:
+        # ISA interrupts are edge-triggered: a rising edge is one interrupt.
+        self.vm.irq_line(irq, True)
+        self.vm.irq_line(irq, False)
+
+    def _pvpanic(self, value: int) -> None:
+        if value & PVPANIC_PANICKED:
+            self.end(Outcome("panic", detail="the guest kernel panicked"))
+
+    def _vcpu_event(self, kind: str, detail: str) -> None:
+        self.end(Outcome({"shutdown": "poweroff", "crash": "panic"}.get(kind, kind), detail=detail))
+
+    def end(self, outcome: Outcome) -> None:
+        """Record how the VM ended (the first report wins) and wake whoever waits."""
+        with self._lock:
+            if self._outcome is None:
+                self._outcome = outcome
+        self._ended.set()
+
+    def start(self) -> None:
+        for thread in self.vcpus:
+            thread.start()
+
+    def wait(self, timeout: float | None = None) -> Outcome | None:
+        self._ended.wait(timeout)
+        return self._outcome
+
+    def stop(self) -> None:
+        for thread in self.vcpus:
+            thread.stop()
+        for thread in self.vcpus:
+            if thread.is_alive():
+                thread.join(timeout=2)
+                if thread.is_alive():  # still inside a long exit handler: kick again
+                    thread.stop()
+                    thread.join(timeout=2)

@@ -1,0 +1,251 @@
+"""`sandvmm run`: check the host and the arguments, boot the machine, connect the console, exit.
+
+The main thread owns the terminal and signals: it waits on stdin (interactive console
+only) and a wakeup pipe, while the vCPU threads run the guest. Every way out goes through
+one `finally` that stops the vCPUs and restores the terminal.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import selectors
+import signal
+import sys
+import termios
+import time
+import tty
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from sandvmm.errors import UserError
+from sandvmm.guest.protocol import BASE_PARAMS, EXIT_MARKER, READY_MARKER, kernel_command_line
+from sandvmm.main import kvm
+from sandvmm.main.boot import read_kernel
+from sandvmm.main.machine import Machine, MachineConfig, Outcome
+from sandvmm.main.vcpu import install_kick_handler
+
+log = logging.getLogger("sandvmm")
+
+MIN_MEM_MIB = 128
+MAX_CPUS = 254  # APIC IDs 0..253; 255 is broadcast and 254 our IOAPIC's
+# Until the PCI root exists, keep Linux from probing for it.
+SANDVMM_PARAMS = BASE_PARAMS + " pci=off"
+
+
+@dataclass
+class RunConfig:
+    kernel: Path | None = None
+    initrd: Path | None = None
+    params: str = ""
+    mem_mib: int = 512
+    cpus: int = 1
+    command: list[str] = field(default_factory=list)
+    serial_output: Path | None = None  # None: stdout
+    kvm_device: str = "/dev/kvm"
+
+
+def _host_mem_mib() -> int:
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") >> 20
+
+
+def check_config(config: RunConfig) -> None:
+    if config.mem_mib < MIN_MEM_MIB:
+        raise UserError(f"--mem {config.mem_mib} is too small", hint=f"give at least {MIN_MEM_MIB} MiB", status=2)
+    if config.mem_mib > _host_mem_mib():
+        raise UserError(f"--mem {config.mem_mib} is more than this host's {_host_mem_mib()} MiB of RAM",
+                        hint="give a smaller --mem", status=2)
+    if not 1 <= config.cpus <= MAX_CPUS:
+        raise UserError(f"--cpus {config.cpus} is out of range", hint=f"give 1 to {MAX_CPUS}", status=2)
+    for name, path in (("--kernel", config.kernel), ("--initrd", config.initrd)):
+        if path is not None and not path.is_file():
+            raise UserError(f"{name} {path}: no such file", status=2)
+
+
+def check_kvm(device: str) -> None:
+    """Refuse hosts whose /dev/kvm cannot run an unmodified kernel, with the way out.
+
+    The loaded KVM module usually tells; only an unknown one is timed, because the first
+    guest a process runs pays a large one-off cost when KVM itself is nested (the lab).
+    """
+    from sandvmm.doctor import classify, kvm_modules
+    from sandvmm.main.probe import measure
+
+    modules = kvm_modules()
+    try:
+        kvm.Kvm(device).close()
+        if {"kvm_intel", "kvm_amd"} & set(modules):
+            mode = "hardware"
+        elif "kvm_pvm" in modules:
+            mode = "emulated"
+        else:
+            mode = classify(modules, measure(200_000, device=device).rate)
+    except kvm.KvmUnavailable as error:
+        raise UserError(str(error), hint="load kvm_intel or kvm_amd and join the kvm group; see `sandvmm doctor`") from None
+    except Exception as error:
+        raise UserError(f"{device} cannot run a test guest: {error}", hint="see `sandvmm doctor`") from None
+    if mode != "hardware":
+        raise UserError("this host's /dev/kvm emulates guests in software and cannot run an unmodified kernel",
+                        hint="run sandvmm inside the nested KVM lab: `sandvmm lab -- sandvmm run ...`")
+
+
+class MarkerFilter:
+    """Drops the default guest's own protocol lines (sandvmm-init: ...) from console output.
+
+    Bytes pass through at once unless they could still be the start of a marker line, so
+    an interactive prompt is never held back.
+    """
+
+    PREFIX = READY_MARKER.split(":")[0].encode() + b": "
+
+    def __init__(self, sink: Callable[[bytes], None]):
+        self.sink = sink
+        self.pending = b""
+        self.at_line_start = True
+        self.dropping = False
+
+    def feed(self, data: bytes) -> None:
+        out = bytearray()
+        for byte in data:
+            char = bytes([byte])
+            if self.dropping:
+                self.dropping = byte != 0x0A
+                self.at_line_start = not self.dropping
+                continue
+            if self.at_line_start or self.pending:
+                candidate = self.pending + char
+                if self.PREFIX.startswith(candidate):
+                    self.pending = candidate
+                    self.at_line_start = False
+                    if candidate == self.PREFIX:
+                        self.pending, self.dropping = b"", True
+                    continue
+                out += candidate
+                self.pending = b""
+            else:
+                out += char
+            self.at_line_start = byte == 0x0A
+        if out:
+            self.sink(bytes(out))
+
+
+def _writer(fd: int) -> Callable[[bytes], None]:
+    def write(data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    return write
+
+
+def _process_start_time() -> float:
+    """CLOCK_BOOTTIME seconds at which this process was exec'd, to time boots from our own start."""
+    with open("/proc/self/stat") as stat:
+        start_ticks = int(stat.read().rsplit(")", 1)[1].split()[19])
+    return start_ticks / os.sysconf("SC_CLK_TCK")
+
+
+def run(config: RunConfig) -> int:
+    check_config(config)
+    if config.kernel is None:
+        from sandvmm.image.build import ensure_image
+
+        image = ensure_image()
+        config.kernel = image.kernel
+        config.initrd = config.initrd or image.initrd
+    kernel = read_kernel(config.kernel)
+    check_kvm(config.kvm_device)
+    cmdline = " ".join(filter(None, [kernel_command_line(config.command, SANDVMM_PARAMS), config.params]))
+
+    output_fd = sys.stdout.fileno()
+    if config.serial_output is not None:
+        try:
+            output_fd = os.open(config.serial_output, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        except OSError as error:
+            raise UserError(f"--serial path={config.serial_output}: {error.strerror}", status=2) from None
+    sink = _writer(output_fd)
+    if config.command:
+        sink = MarkerFilter(sink).feed
+
+    started = _process_start_time()
+
+    def on_ready() -> None:
+        log.info("init reached %.0f ms after sandvmm started", (time.clock_gettime(time.CLOCK_BOOTTIME) - started) * 1000)
+
+    install_kick_handler()
+    machine = Machine(MachineConfig(kernel, config.initrd, cmdline, config.mem_mib, config.cpus), sink, on_ready,
+                      config.kvm_device)
+    interactive = not config.command
+    outcome = _supervise(machine, interactive)
+    log.info("guest ended (%s) %.0f ms after sandvmm started", outcome.kind,
+             (time.clock_gettime(time.CLOCK_BOOTTIME) - started) * 1000)
+    return _exit_status(outcome)
+
+
+def _supervise(machine: Machine, interactive: bool) -> Outcome:
+    """Run the machine until it ends; forward stdin to the serial port when interactive."""
+    wake_read, wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    old_wakeup = signal.set_wakeup_fd(wake_write)
+    signals_seen: list[int] = []
+    old_handlers = {signum: signal.signal(signum, lambda s, f: signals_seen.append(s))
+                    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    stdin_fd = sys.stdin.fileno() if interactive and sys.stdin is not None else None
+    saved_tty = None
+    selector = selectors.DefaultSelector()
+    selector.register(wake_read, selectors.EVENT_READ)
+    try:
+        if stdin_fd is not None:
+            if os.isatty(stdin_fd):
+                saved_tty = termios.tcgetattr(stdin_fd)
+                tty.setraw(stdin_fd)
+            selector.register(stdin_fd, selectors.EVENT_READ)
+        machine.start()
+        pending = b""  # console input the UART had no room for yet
+        while True:
+            outcome = machine.wait(0)
+            if outcome is not None:
+                return outcome
+            if signals_seen:
+                return Outcome("signal", 128 + signals_seen[0], signal.Signals(signals_seen[0]).name)
+            if pending:
+                pending = pending[machine.serial.feed(pending):]
+                if not pending:
+                    selector.register(stdin_fd, selectors.EVENT_READ)
+            for key, _ in selector.select(timeout=0.05):
+                if key.fd == wake_read:
+                    os.read(wake_read, 4096)
+                    continue
+                data = os.read(stdin_fd, 4096)
+                pending = data[machine.serial.feed(data):] if data else b""
+                if pending or not data:  # stop reading until the guest catches up, or for good at EOF
+                    selector.unregister(stdin_fd)
+    finally:
+        machine.stop()
+        if saved_tty is not None:
+            termios.tcsetattr(stdin_fd, termios.TCSADRAIN, saved_tty)
+        signal.set_wakeup_fd(old_wakeup)
+        for signum, handler in old_handlers.items():
+            signal.signal(signum, handler)
+        selector.close()
+        os.close(wake_read)
+        os.close(wake_write)
+
+
+
+
+def _exit_status(outcome: Outcome) -> int:
+    if outcome.kind == "exit":
+        return outcome.status
+    if outcome.kind == "poweroff":
+        return 0
+    if outcome.kind == "reset":
+        print("sandvmm: the guest rebooted; sandvmm exits on reboot, as crosvm does", file=sys.stderr)
+        return 0
+    if outcome.kind == "signal":
+        print(f"sandvmm: stopped by {outcome.detail}", file=sys.stderr)
+        return outcome.status
+    if outcome.kind == "panic":
+        print(f"sandvmm: {outcome.detail}", file=sys.stderr)
+        return 1
+    print(f"sandvmm: the VM stopped: {outcome.detail}", file=sys.stderr)
+    return 1
