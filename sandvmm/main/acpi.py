@@ -78,7 +78,10 @@ INTI_ACTIVE_HIGH, INTI_EDGE, INTI_LEVEL = 0x1, 0x1 << 2, 0x3 << 2
 # past 15 could not even be read back); 64-bit Linux accepts it as given. I/O APIC IDs
 # need not differ from local APIC IDs since xAPIC replaced the shared serial APIC bus.
 IOAPIC_ID = 0
-PIT_ISA_IRQ, PIT_GSI = 0, 2  # the PIT is wired to IOAPIC pin 2, not pin 0
+# KVM's in-kernel PIT raises GSI 0, and KVM's default routing sends GSI n to IOAPIC pin n:
+# so, unlike a PC (and QEMU, which reroutes GSI 0 to pin 2), the PIT is on pin 0 here.
+# Claiming pin 2 leaves Linux without a timer tick (jiffies stand still).
+PIT_ISA_IRQ, PIT_GSI = 0, 0
 ALL_PROCESSORS = 0xFF
 LINT1 = 1
 
@@ -98,7 +101,7 @@ class AcpiConfig:
         # xAPIC IDs are 8-bit and 0xFF is the broadcast ID; more CPUs would need x2APIC entries.
         if not 1 <= self.cpus <= 255:
             raise ValueError(f"cpus must be 1..255, got {self.cpus}")
-        if not 0 < self.sci_irq < 16 or self.sci_irq == PIT_GSI:
+        if not 2 < self.sci_irq < 16:
             raise ValueError(f"sci_irq must be an ISA IRQ other than 0 and 2, got {self.sci_irq}")
         pm_end = self.pm_base + PM1_EVT_LEN + PM1_CNT_LEN
         if not 0 < self.pm_base < pm_end <= 0x10000 or not 0 < self.reset_port <= 0xFFFF:

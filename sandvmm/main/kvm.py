@@ -359,12 +359,13 @@ class Vcpu(_Fd):
     def run(self) -> int:
         """Enter the guest until the next userspace exit; return the exit reason.
 
-        A signal interrupting KVM_RUN is reported as KVM_EXIT_INTR, not raised.
+        A signal interrupting KVM_RUN is reported as KVM_EXIT_INTR, not raised; so is
+        EAGAIN, which an application processor gets while it waits for its startup IPI.
         """
         try:
             _ioctl(self.fd, KVM_RUN)
         except KvmError as e:
-            if e.errno != _errno.EINTR:
+            if e.errno not in (_errno.EINTR, _errno.EAGAIN):
                 raise
             return KVM_EXIT_INTR
         return self.kvm_run.exit_reason

@@ -22,6 +22,7 @@ from sandvmm.main.legacy.pm import PowerManagement
 from sandvmm.main.legacy.rtc import Rtc
 from sandvmm.main.legacy.serial import Serial
 from sandvmm.main.memory import GuestMemory, MiB
+from sandvmm.main.pci import CONFIG_ADDRESS_PORT, PciRoot
 from sandvmm.main.vcpu import VcpuThread
 
 TSS_ADDRESS = 0xFFFBD000
@@ -85,6 +86,8 @@ class Machine:
         self.io_bus, self.mmio_bus = Bus("io"), Bus("mmio")
         self.serial = Serial(console_output, lambda: self._pulse_irq(COM1_IRQ))
         self.io_bus.register(COM1_PORT, 8, self.serial)
+        self.pci = PciRoot()
+        self.io_bus.register(CONFIG_ADDRESS_PORT, 8, self.pci)
         i8042 = I8042(on_reset=lambda: self.end(Outcome("reset", detail="i8042 reset")))
         self.io_bus.register(0x60, 1, i8042.data_port)
         self.io_bus.register(0x64, 1, i8042.command_port)

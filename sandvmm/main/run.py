@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from sandvmm.errors import UserError
-from sandvmm.guest.protocol import BASE_PARAMS, EXIT_MARKER, READY_MARKER, kernel_command_line
+from sandvmm.guest.protocol import READY_MARKER, kernel_command_line
 from sandvmm.main import kvm
 from sandvmm.main.boot import read_kernel
 from sandvmm.main.machine import Machine, MachineConfig, Outcome
@@ -30,8 +30,6 @@ log = logging.getLogger("sandvmm")
 
 MIN_MEM_MIB = 128
 MAX_CPUS = 254  # APIC IDs 0..253; 255 is broadcast and 254 our IOAPIC's
-# Until the PCI root exists, keep Linux from probing for it.
-SANDVMM_PARAMS = BASE_PARAMS + " pci=off"
 
 
 @dataclass
@@ -155,7 +153,7 @@ def run(config: RunConfig) -> int:
         config.initrd = config.initrd or image.initrd
     kernel = read_kernel(config.kernel)
     check_kvm(config.kvm_device)
-    cmdline = " ".join(filter(None, [kernel_command_line(config.command, SANDVMM_PARAMS), config.params]))
+    cmdline = " ".join(filter(None, [kernel_command_line(config.command), config.params]))
 
     output_fd = sys.stdout.fileno()
     if config.serial_output is not None:

@@ -135,7 +135,7 @@ def test_madt_has_one_enabled_lapic_per_cpu_then_ioapic_overrides_and_nmi(cpus):
     assert all(flags & 1 for *_, flags in lapics)
     rest = [e for kind, e in entries if kind != 0]
     assert rest[0] == struct.pack("<BBBBII", 1, 12, acpi.IOAPIC_ID, 0, 0xFEC00000, 0)
-    assert rest[1] == struct.pack("<BBBBIH", 2, 10, 0, 0, 2, 0x5)  # IRQ0 -> GSI2, edge/high
+    assert rest[1] == struct.pack("<BBBBIH", 2, 10, 0, 0, 0, 0x5)  # IRQ0 -> GSI0 (KVM's PIT), edge/high
     assert rest[2] == struct.pack("<BBBBIH", 2, 10, 0, 9, 9, 0xD)  # SCI: level/high
     assert rest[3] == struct.pack("<BBBHB", 4, 6, 0xFF, 0, 1)  # NMI on LINT1, all CPUs
     assert len(rest) == 4

@@ -1,0 +1,88 @@
+"""Boot benchmark: sandvmm against QEMU (microvm and q35) on the same kernel and initramfs.
+
+Run where /dev/kvm is hardware-speed, so on hosts without VT-x/AMD-V inside the lab:
+
+    sandvmm lab -- python3 benchmarks/boot.py -n 5
+
+Each round boots the default guest once with every VMM, in turn, running `cat /proc/uptime`.
+It prints the median wall time from launching the VMM to the guest's init and to the
+VMM's exit, the guest kernel's own time to init (/proc/uptime), and each figure's ratio to
+QEMU microvm. Inside the lab only the ratios mean anything (docs/lab.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+from sandvmm.guest.protocol import READY_MARKER
+from sandvmm.image.build import ensure_image
+from sandvmm.lab.peer import PeerConfig, qemu_command
+
+
+def timed_boot(command: list[str], ready_stream: str, ready_text: str) -> dict[str, float]:
+    """Launch, note when `ready_text` appears on the given stream, wait for exit."""
+    started = time.monotonic()
+    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    seen: dict[str, float] = {}
+    captured = {"stdout": [], "stderr": []}
+
+    def watch(name: str, stream) -> None:
+        for raw in stream:
+            line = raw.decode(errors="replace")
+            captured[name].append(line)
+            if name == ready_stream and ready_text in line and "init" not in seen:
+                seen["init"] = time.monotonic() - started
+
+    threads = [threading.Thread(target=watch, args=(name, getattr(process, name))) for name in captured]
+    for thread in threads:
+        thread.start()
+    process.wait()
+    exited = time.monotonic() - started
+    for thread in threads:
+        thread.join()
+    uptimes = [float(line.split()[0]) for line in captured["stdout"]
+               if len(line.split()) == 2 and line.split()[0].replace(".", "").isdigit()]
+    if "init" not in seen or not uptimes:
+        raise SystemExit(f"boot failed: {command[:3]}...\n{''.join(captured['stdout'][-20:])}{''.join(captured['stderr'][-20:])}")
+    return {"init": seen["init"], "exit": exited, "guest": uptimes[-1]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-n", "--rounds", type=int, default=5)
+    parser.add_argument("--mem", type=int, default=512)
+    args = parser.parse_args()
+    image = ensure_image()
+    guest_command = ["cat", "/proc/uptime"]
+    vmms = {
+        "sandvmm": ([sys.executable, "-m", "sandvmm", "run", "-v", "--mem", str(args.mem), "--", *guest_command],
+                    "stderr", "init reached"),
+    }
+    for machine in ("microvm", "q35"):
+        config = PeerConfig(command=guest_command, machine=machine, mem_mib=args.mem)
+        vmms[f"qemu-{machine}"] = (qemu_command(config, str(image.kernel), str(image.initrd)), "stdout", READY_MARKER)
+    results: dict[str, list[dict[str, float]]] = {name: [] for name in vmms}
+    for round_number in range(args.rounds):
+        for name, (command, stream, text) in vmms.items():
+            results[name].append(timed_boot(command, stream, text))
+        print(f"round {round_number + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+
+    medians = {name: {key: statistics.median(run[key] for run in runs) for key in ("init", "exit", "guest")}
+               for name, runs in results.items()}
+    base = medians["qemu-microvm"]
+    print(f"boot of the default guest, median of {args.rounds} rounds, {os.cpu_count()} host cpus"
+          f"{' (inside the lab: compare ratios only)' if os.environ.get('SANDVMM_IN_LAB') else ''}")
+    print(f"{'vmm':14} {'to init s':>10} {'to exit s':>10} {'kernel s':>9} {'init/microvm':>13} {'exit/microvm':>13}")
+    for name, figures in medians.items():
+        print(f"{name:14} {figures['init']:10.3f} {figures['exit']:10.3f} {figures['guest']:9.3f}"
+              f" {figures['init'] / base['init']:13.2f} {figures['exit'] / base['exit']:13.2f}")
+
+
+if __name__ == "__main__":
+    main()
