@@ -151,11 +151,11 @@ def report() -> int:
         print(f"{'ok' if ok else 'no':3} {name}: {detail}")
     qemu_ok = checks[-1][1]
     if kvm.hardware:
-        print("=> this host runs guests at hardware speed directly")
+        print("=> this host runs guests at hardware speed directly: `sandvmm run -- CMD`")
         return 0
     if qemu_ok:
         print("=> this host's KVM cannot run unmodified guests at speed: use `sandvmm lab -- CMD`, which runs CMD"
-              " where /dev/kvm is a real kvm_amd (e.g. `sandvmm lab -- sandvmm peer -- uname -a`)")
+              " where /dev/kvm is a real kvm_amd (e.g. `sandvmm lab -- sandvmm run -- uname -a`)")
         return 0
     print("=> this host can run no guest: it has no hardware KVM, and `sandvmm lab` needs qemu-system-x86")
     return 1

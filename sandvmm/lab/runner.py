@@ -24,6 +24,7 @@ from pathlib import Path
 from sandvmm.errors import UserError
 
 MIN_MEM_MIB = 1024
+LAB_FAILED = 125  # our exit status when the lab itself died, so callers can tell it from the job's
 LAB_CPU = "EPYC-v3,+svm,+npt"
 # The job sees the host's environment, less what only describes the calling shell.
 ENV_SKIPPED = {"PWD", "OLDPWD", "SHLVL", "_"}
@@ -170,4 +171,4 @@ def run(config: LabConfig) -> int:
             return int(status_file.read_text())
         console = (job / "console.log").read_text(errors="replace") if (job / "console.log").exists() else ""
         last = [line for line in (qemu_output + console).splitlines() if line.strip()][-5:]
-        raise UserError("the lab ended without reporting the job's exit status: " + " | ".join(last))
+        raise UserError("the lab ended without reporting the job's exit status: " + " | ".join(last), status=LAB_FAILED)

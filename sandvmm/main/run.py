@@ -173,6 +173,7 @@ def run(config: RunConfig) -> int:
     install_kick_handler()
     machine = Machine(MachineConfig(kernel, config.initrd, cmdline, config.mem_mib, config.cpus), sink, on_ready,
                       config.kvm_device)
+    log.info("booting %s: %d vCPU(s), %d MiB", config.kernel, config.cpus, config.mem_mib)
     interactive = not config.command
     outcome = _supervise(machine, interactive)
     log.info("guest ended (%s) %.0f ms after sandvmm started", outcome.kind,

@@ -28,10 +28,23 @@ def test_cpus_and_exit_status():
 
 @pytest.mark.parametrize("mem_mib", [256, 4096])
 def test_guest_memory_matches_mem(mem_mib):
-    result = sandvmm("run", "--mem", str(mem_mib), "--", "sh", "-c", "grep MemTotal /proc/meminfo")
+    """All of --mem reaches the guest, below and (for 4096) above the 4 GiB hole.
+
+    The kernel's own "Memory: available/total" line must count --mem to within 1%. MemTotal
+    is also within 10% at 4096 MiB; at 256 MiB it is 213 MiB, the same as under QEMU,
+    because this Debian kernel keeps about 38 MiB for its own image.
+    """
+    result = sandvmm("run", "--mem", str(mem_mib), "--", "sh", "-c",
+                     "grep MemTotal /proc/meminfo; dmesg | grep -o 'Memory: [0-9]*K/[0-9]*K'")
     assert result.returncode == 0, describe(result)
-    total_kib = int(guest_lines(result)[0].split()[1])
-    assert abs(total_kib / 1024 - mem_mib) <= 0.1 * mem_mib, f"MemTotal {total_kib} kB for --mem {mem_mib}"
+    lines = guest_lines(result)
+    total_kib = int(lines[0].split()[1])
+    kernel_total_kib = int(lines[1].split("/")[1].rstrip("K"))
+    assert abs(kernel_total_kib / 1024 - mem_mib) <= 0.01 * mem_mib, describe(result)
+    if mem_mib >= 1024:
+        assert abs(total_kib / 1024 - mem_mib) <= 0.1 * mem_mib, f"MemTotal {total_kib} kB for --mem {mem_mib}"
+    else:
+        assert total_kib / 1024 > mem_mib - 48, f"MemTotal {total_kib} kB for --mem {mem_mib}"
 
 
 def test_guest_poweroff_exits_zero():
@@ -92,9 +105,10 @@ def test_console_input_reaches_the_guest_shell_and_the_terminal_is_restored():
 
 
 def test_sigterm_during_boot_exits_quickly_and_leaves_nothing_behind():
-    process = subprocess.Popen([sys.executable, "-m", "sandvmm", "run", "--", "sleep", "600"],
+    process = subprocess.Popen([sys.executable, "-m", "sandvmm", "run", "-v", "--", "sleep", "600"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    time.sleep(1.5)
+    assert "booting" in process.stderr.readline().decode()  # the vCPUs are about to start
+    time.sleep(0.5)
     assert process.poll() is None, process.stderr.read()
     sent = time.monotonic()
     process.send_signal(signal.SIGTERM)
