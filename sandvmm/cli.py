@@ -64,9 +64,13 @@ def build_parser() -> Parser:
     run.add_argument("-c", "--cpus", type=int, default=1, metavar="N", help="vCPUs (default 1)")
     run.add_argument("--serial", type=_serial_option, default=None, metavar="type=stdout|file|sink[,path=P][,hardware=serial][,num=1]",
                      help="where the guest's COM1 goes (crosvm's spelling)")
+    run.add_argument("-s", "--socket", type=Path, metavar="PATH", help="control socket: `sandvmm stop PATH` stops the VM")
     run.add_argument("--kvm-device", default="/dev/kvm", metavar="PATH", help="the KVM device (default /dev/kvm)")
     run.add_argument("-v", "--verbose", action="store_true", help="log boot timing and the VM's end to stderr")
     run.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ARGS")
+
+    stop = commands.add_parser("stop", help="stop the VM listening on a control socket (sandvmm run --socket)")
+    stop.add_argument("socket", type=Path, metavar="PATH")
 
     lab = commands.add_parser("lab", help="run a command inside the nested KVM lab")
     lab.add_argument("--mem", type=int, default=4096, metavar="MiB", help="lab memory (default 4096)")
@@ -111,7 +115,12 @@ def run(args: argparse.Namespace) -> int:
         serial_output = {"stdout": None, "sink": Path("/dev/null")}.get(serial["type"], Path(serial.get("path", "")))
         return run_vm(RunConfig(kernel=args.kernel, initrd=args.initrd, params=args.params, mem_mib=args.mem,
                                 cpus=args.cpus, command=_command(args), serial_output=serial_output,
-                                kvm_device=args.kvm_device))
+                                kvm_device=args.kvm_device, control_socket=args.socket))
+    if args.subcommand == "stop":
+        from sandvmm.main.control import stop_vm
+
+        stop_vm(args.socket)
+        return 0
     if args.subcommand == "lab":
         from sandvmm.lab.runner import LabConfig, run as run_lab
 

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 
-def sandvmm(*args, env=None, timeout=600, **kwargs) -> subprocess.CompletedProcess:
+def sandvmm(*args, env=None, timeout=300, **kwargs) -> subprocess.CompletedProcess:
     """Run `python -m sandvmm ARGS` and capture its output as text."""
     full_env = dict(os.environ, **(env or {}))
     return subprocess.run([sys.executable, "-m", "sandvmm", *args], capture_output=True, text=True,

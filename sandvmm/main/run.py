@@ -11,6 +11,7 @@ import logging
 import os
 import selectors
 import signal
+import socket
 import sys
 import termios
 import time
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from sandvmm import protocol
 from sandvmm.errors import UserError
 from sandvmm.guest.protocol import READY_MARKER, kernel_command_line
 from sandvmm.main import kvm
@@ -42,6 +44,7 @@ class RunConfig:
     command: list[str] = field(default_factory=list)
     serial_output: Path | None = None  # None: stdout
     kvm_device: str = "/dev/kvm"
+    control_socket: Path | None = None  # crosvm's --socket: `sandvmm stop PATH` stops the VM
 
 
 def _host_mem_mib() -> int:
@@ -171,17 +174,52 @@ def run(config: RunConfig) -> int:
         log.info("init reached %.0f ms after sandvmm started", (time.clock_gettime(time.CLOCK_BOOTTIME) - started) * 1000)
 
     install_kick_handler()
-    machine = Machine(MachineConfig(kernel, config.initrd, cmdline, config.mem_mib, config.cpus), sink, on_ready,
-                      config.kvm_device)
-    log.info("booting %s: %d vCPU(s), %d MiB", config.kernel, config.cpus, config.mem_mib)
-    interactive = not config.command
-    outcome = _supervise(machine, interactive)
+    control = _control_socket(config.control_socket) if config.control_socket else None
+    try:
+        machine = Machine(MachineConfig(kernel, config.initrd, cmdline, config.mem_mib, config.cpus), sink, on_ready,
+                          config.kvm_device)
+        log.info("booting %s: %d vCPU(s), %d MiB", config.kernel, config.cpus, config.mem_mib)
+        outcome = _supervise(machine, interactive=not config.command, control=control)
+    finally:
+        if control is not None:
+            control.close()
+            config.control_socket.unlink(missing_ok=True)
     log.info("guest ended (%s) %.0f ms after sandvmm started", outcome.kind,
              (time.clock_gettime(time.CLOCK_BOOTTIME) - started) * 1000)
     return _exit_status(outcome)
 
 
-def _supervise(machine: Machine, interactive: bool) -> Outcome:
+def _control_socket(path: Path) -> socket.socket:
+    if path.exists() or path.is_symlink():
+        raise UserError(f"--socket {path} already exists", hint="remove it or choose another path", status=2)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        server.bind(str(path))
+    except OSError as error:
+        server.close()
+        raise UserError(f"--socket {path}: {error.strerror}", status=2) from None
+    server.listen(4)
+    return server
+
+
+def _serve_control(server: socket.socket) -> Outcome | None:
+    """Answer one control connection; an Outcome when it asked the VM to stop."""
+    connection, _ = server.accept()
+    with connection:
+        connection.settimeout(1)
+        try:
+            request = protocol.from_msgpack(connection.recv(protocol.MAX_MESSAGE))
+        except (protocol.ProtocolError, OSError) as error:
+            connection.sendall(protocol.to_msgpack(protocol.Reply(ok=False, error=str(error))))
+            return None
+        if isinstance(request, protocol.StopVm):
+            connection.sendall(protocol.to_msgpack(protocol.Reply(ok=True)))
+            return Outcome("stop", detail="stopped through the control socket")
+        connection.sendall(protocol.to_msgpack(protocol.Reply(ok=False, error=f"cannot handle {type(request).__name__}")))
+        return None
+
+
+def _supervise(machine: Machine, interactive: bool, control: socket.socket | None = None) -> Outcome:
     """Run the machine until it ends; forward stdin to the serial port when interactive."""
     wake_read, wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     old_wakeup = signal.set_wakeup_fd(wake_write)
@@ -192,6 +230,8 @@ def _supervise(machine: Machine, interactive: bool) -> Outcome:
     saved_tty = None
     selector = selectors.DefaultSelector()
     selector.register(wake_read, selectors.EVENT_READ)
+    if control is not None:
+        selector.register(control, selectors.EVENT_READ)
     try:
         if stdin_fd is not None:
             if os.isatty(stdin_fd):
@@ -214,6 +254,11 @@ def _supervise(machine: Machine, interactive: bool) -> Outcome:
                 if key.fd == wake_read:
                     os.read(wake_read, 4096)
                     continue
+                if control is not None and key.fd == control.fileno():
+                    stopped = _serve_control(control)
+                    if stopped is not None:
+                        machine.end(stopped)
+                    continue
                 data = os.read(stdin_fd, 4096)
                 pending = data[machine.serial.feed(data):] if data else b""
                 if pending or not data:  # stop reading until the guest catches up, or for good at EOF
@@ -235,7 +280,7 @@ def _supervise(machine: Machine, interactive: bool) -> Outcome:
 def _exit_status(outcome: Outcome) -> int:
     if outcome.kind == "exit":
         return outcome.status
-    if outcome.kind == "poweroff":
+    if outcome.kind in ("poweroff", "stop"):
         return 0
     if outcome.kind == "reset":
         print("sandvmm: the guest rebooted; sandvmm exits on reboot, as crosvm does", file=sys.stderr)

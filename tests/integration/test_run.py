@@ -117,3 +117,18 @@ def test_sigterm_during_boot_exits_quickly_and_leaves_nothing_behind():
     assert status == 128 + signal.SIGTERM
     with pytest.raises(ProcessLookupError):
         os.killpg(process.pid, 0)  # nothing of its process group survives
+
+
+def test_control_socket_stops_the_vm(tmp_path):
+    control = tmp_path / "vm.sock"
+    process = subprocess.Popen([sys.executable, "-m", "sandvmm", "run", "-v", "--socket", str(control), "--",
+                                "sleep", "600"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        assert "booting" in process.stderr.readline().decode()
+        stopped = sandvmm("stop", str(control))
+        assert stopped.returncode == 0, describe(stopped)
+        assert process.wait(timeout=30) == 0
+        assert not control.exists()
+    finally:
+        if process.poll() is None:
+            process.kill()

@@ -1,0 +1,81 @@
+"""Pure parts of booting: the e820 map, bzImage parsing and placement, CPUID topology, console filter."""
+
+import struct
+
+import pytest
+
+from sandvmm.errors import UserError
+from sandvmm.image.build import ensure_image
+from sandvmm.main import kvm
+from sandvmm.main.boot import BOOT_PARAMS_ADDRESS, BzImage, load_linux, read_kernel
+from sandvmm.main.cpu import vcpu_cpuid
+from sandvmm.main.memory import GiB, MiB, GuestMemory, GuestMemoryError, e820_map
+from sandvmm.main.run import MarkerFilter
+
+
+def test_e820_splits_ram_around_the_mmio_hole():
+    entries = e820_map(5 * GiB)
+    ram = sum(length for _, length, kind in entries if kind == 1)
+    assert ram == 5 * GiB - (0x100000 - 0x9FC00)
+    assert (4 * GiB, 2 * GiB, 1) in entries
+    assert all(not (3 * GiB <= address < 4 * GiB) for address, _, _ in entries)
+
+
+def test_guest_memory_refuses_ranges_outside_ram():
+    memory = GuestMemory(256 * MiB)
+    try:
+        memory.write(0x1000, b"abc")
+        assert memory.read(0x1000, 3) == b"abc"
+        with pytest.raises(GuestMemoryError):
+            memory.read(256 * MiB - 1, 2)
+        with pytest.raises(GuestMemoryError):
+            memory.read(3 * GiB, 1)
+    finally:
+        memory.close()
+
+
+def test_the_default_kernel_loads_with_boot_params_filled_in():
+    image = ensure_image()
+    kernel = read_kernel(image.kernel)
+    assert kernel.protocol >= 0x020C
+    memory = GuestMemory(512 * MiB)
+    try:
+        initrd = b"\x07" * 4096
+        entry = load_linux(memory, kernel, "console=ttyS0", initrd, rsdp_address=0xE0000)
+        params = memory.read(BOOT_PARAMS_ADDRESS, 4096)
+        ramdisk_image, ramdisk_size = struct.unpack_from("<II", params, 0x218)
+        assert ramdisk_size == 4096 and memory.read(ramdisk_image, 4096) == initrd
+        assert ramdisk_image + ramdisk_size <= min(kernel.initrd_addr_max + 1, 512 * MiB)
+        assert params[0x1E8] == len(e820_map(512 * MiB))
+        assert struct.unpack_from("<Q", params, 0x070)[0] == 0xE0000
+        assert entry == 0x1000000 + 0x200
+        assert memory.read(0x1000000, 64) == kernel.kernel[:64]
+    finally:
+        memory.close()
+
+
+def test_a_truncated_bzimage_is_refused():
+    image = ensure_image()
+    data = image.kernel.read_bytes()
+    with pytest.raises(UserError, match="not a bootable"):
+        BzImage.parse(data[:0x300], "k")
+
+
+def test_cpuid_topology_is_consistent_per_vcpu():
+    supported = kvm.Kvm().supported_cpuid()
+    for vcpu in range(3):
+        leaves = {(e.function, e.index): e for e in vcpu_cpuid(supported, vcpu, 3)}
+        assert leaves[(1, 0)].ebx >> 24 == vcpu
+        assert leaves[(1, 0)].ecx & (1 << 31)  # hypervisor bit
+        if (0xB, 1) in leaves:
+            assert leaves[(0xB, 1)].ebx == 3 and leaves[(0xB, 0)].edx == vcpu
+        if (0x80000008, 0) in leaves:
+            assert leaves[(0x80000008, 0)].ecx & 0xFF == 2
+
+
+def test_marker_filter_drops_only_protocol_lines():
+    out = []
+    console = MarkerFilter(out.append)
+    for chunk in (b"sandvmm-init: re", b"ady\r\nhel", b"lo\r\nsandvmm-i", b"nit: exit 0\r\n", b"sandbox\r\n"):
+        console.feed(chunk)
+    assert b"".join(out) == b"hello\r\nsandbox\r\n"
