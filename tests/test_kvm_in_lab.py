@@ -24,7 +24,7 @@ def test_kvm_tests_pass_inside_the_lab(request, capsys):
                     " (see `sandvmm doctor`)")
     for extra in KVM_TEST_IMAGES:
         ensure_image(extra)
-    command = [sys.executable, "-m", "sandvmm", "lab", "--mem", str(LAB_MEM_MIB), "--",
+    command = [sys.executable, "-m", "sandvmm", "lab", "--mem", str(LAB_MEM_MIB), "--timeout", "2700", "--",
                sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-m", "kvm", "-rA", *nodeids]
     with capsys.disabled():
         print(f"\n--- {len(nodeids)} kvm test(s) inside the lab ---", flush=True)
