@@ -170,5 +170,8 @@ def run(config: LabConfig) -> int:
         if status_file.exists():
             return int(status_file.read_text())
         console = (job / "console.log").read_text(errors="replace") if (job / "console.log").exists() else ""
-        last = [line for line in (qemu_output + console).splitlines() if line.strip()][-5:]
-        raise UserError("the lab ended without reporting the job's exit status: " + " | ".join(last), status=LAB_FAILED)
+        kept = Path(tempfile.mkstemp(prefix="sandvmm-lab-console-", suffix=".log")[1])
+        kept.write_text(qemu_output + console)
+        last = [line for line in (qemu_output + console).splitlines() if line.strip()][-3:]
+        raise UserError("the lab ended without reporting the job's exit status: " + " | ".join(last),
+                        hint=f"its console log is {kept}", status=LAB_FAILED)
