@@ -16,9 +16,9 @@ def peer(*args):
     same lab have not. This tests our image and init protocol, not the lab, so one
     such crash is retried; a second one fails the test.
     """
-    result = peer(*args)
+    result = sandvmm("peer", *args)
     if result.returncode == 1 and "before the guest reported" in result.stderr:
-        result = peer(*args)
+        result = sandvmm("peer", *args)
     return result
 
 
