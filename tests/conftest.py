@@ -8,7 +8,6 @@ tests/test_kvm_in_lab.py, which fails, with the doctor's explanation, when no la
 
 import os
 
-import pytest
 
 
 def pytest_collection_modifyitems(config, items):

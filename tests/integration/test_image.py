@@ -3,7 +3,6 @@
 import subprocess
 import time
 
-import pytest
 
 from sandvmm.image.build import ensure_image
 from tests.helpers import one_line_error, sandvmm

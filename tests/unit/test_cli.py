@@ -1,6 +1,5 @@
 """Bad input to the command line gives one line and a non-zero status, never a traceback."""
 
-import os
 import sys
 
 from tests.helpers import one_line_error, sandvmm

@@ -1,6 +1,5 @@
 """The speed probe really runs a long-mode guest to completion under KVM."""
 import json
-import os
 
 import pytest
 
