@@ -74,7 +74,7 @@ def build_parser() -> Parser:
 
     lab = commands.add_parser("lab", help="run a command inside the nested KVM lab")
     lab.add_argument("--mem", type=int, default=4096, metavar="MiB", help="lab memory (default 4096)")
-    lab.add_argument("--cpus", type=int, default=None, metavar="N", help="lab vCPUs (default: host cores)")
+    lab.add_argument("--cpus", type=int, default=None, metavar="N", help="lab vCPUs (default 1: see docs/lab.md)")
     lab.add_argument("--rw", type=Path, action="append", default=[], metavar="DIR",
                      help="share DIR read-write at the same path (the rest of the host is read-only)")
     lab.add_argument("--timeout", type=float, default=None, metavar="SECONDS")

@@ -34,7 +34,10 @@ ENV_SKIPPED = {"PWD", "OLDPWD", "SHLVL", "_"}
 class LabConfig:
     command: list[str]
     mem_mib: int = 4096
-    cpus: int = field(default_factory=lambda: min(os.cpu_count() or 1, 8))
+    # One vCPU by default: with several, TCG races with the lab kernel's live code patching
+    # (int3-based static-key updates, which KVM triggers whenever a VM starts or stops) and
+    # the lab kernel dies with "Oops: int3"; seen in about one lab session in five.
+    cpus: int = 1
     rw_dirs: list[Path] = field(default_factory=list)
     timeout: float | None = None
     cwd: Path = field(default_factory=Path.cwd)
