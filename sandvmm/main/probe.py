@@ -12,22 +12,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import mmap
 import struct
 import sys
 import time
 from dataclasses import asdict, dataclass
 
 from sandvmm.main import kvm
+from sandvmm.main.boot import write_gdt, write_page_tables
+from sandvmm.main.cpu import enter_long_mode
+from sandvmm.main.memory import GuestMemory, MiB
 
-# Guest-physical layout (everything inside one small RAM slot at 0).
-MEM_SIZE = 0x10000
-PML4_ADDR = 0x1000
-PDPT_ADDR = 0x2000
-PD_ADDR = 0x3000
-GDT_ADDR = 0x4000
-CODE_ADDR = 0x5000
-STACK_TOP = 0x8000
+# One small RAM slot at 0: boot.py's page tables and GDT below 64 KiB, the code at 1 MiB.
+MEM_SIZE = 2 * MiB
+CODE_ADDR = 1 * MiB
 # Outside RAM; only consulted by Intel VMX (harmless elsewhere).
 TSS_ADDR = 0xFFFBD000
 IDENTITY_MAP_ADDR = 0xFFFBC000
@@ -35,12 +32,6 @@ IDENTITY_MAP_ADDR = 0xFFFBC000
 DONE_PORT = 0xE9
 DONE_MAGIC = 0x600DF00D
 
-PTE_P, PTE_RW, PTE_PS = 1 << 0, 1 << 1, 1 << 7
-CR0_PE, CR0_MP, CR0_ET, CR0_NE, CR0_PG = 1 << 0, 1 << 1, 1 << 4, 1 << 5, 1 << 31
-CR4_PAE = 1 << 5
-EFER_LME, EFER_LMA = 1 << 8, 1 << 10
-
-CODE_SEL, DATA_SEL = 0x08, 0x10
 
 
 class ProbeError(RuntimeError):
@@ -68,34 +59,11 @@ def guest_code(iterations: int) -> bytes:
     ])
 
 
-def _build_memory(mem: mmap.mmap, iterations: int) -> None:
-    # Identity-map the first 2 MiB with one large page: PML4 -> PDPT -> PD(PS).
-    struct.pack_into("<Q", mem, PML4_ADDR, PDPT_ADDR | PTE_P | PTE_RW)
-    struct.pack_into("<Q", mem, PDPT_ADDR, PD_ADDR | PTE_P | PTE_RW)
-    struct.pack_into("<Q", mem, PD_ADDR, 0 | PTE_P | PTE_RW | PTE_PS)
-    # GDT: null, 64-bit code (L=1, DPL0), flat data.
-    struct.pack_into("<3Q", mem, GDT_ADDR, 0, 0x00AF9A000000FFFF, 0x00CF92000000FFFF)
-    code = guest_code(iterations)
-    mem[CODE_ADDR:CODE_ADDR + len(code)] = code
-
-
-def _enter_long_mode(vcpu: kvm.Vcpu) -> None:
-    # Start from the reset state so TR/LDT keep KVM's valid defaults.
-    sregs = vcpu.get_sregs()
-    code = kvm.KvmSegment(base=0, limit=0xFFFFFFFF, selector=CODE_SEL, type=0xB,
-                          present=1, dpl=0, db=0, s=1, l=1, g=1)
-    data = kvm.KvmSegment(base=0, limit=0xFFFFFFFF, selector=DATA_SEL, type=0x3,
-                          present=1, dpl=0, db=1, s=1, l=0, g=1)
-    sregs.cs = code
-    sregs.ds = sregs.es = sregs.fs = sregs.gs = sregs.ss = data
-    sregs.gdt.base, sregs.gdt.limit = GDT_ADDR, 3 * 8 - 1
-    sregs.idt.base, sregs.idt.limit = 0, 0
-    sregs.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_PG
-    sregs.cr3 = PML4_ADDR
-    sregs.cr4 = CR4_PAE
-    sregs.efer = EFER_LME | EFER_LMA
-    vcpu.set_sregs(sregs)
-    vcpu.set_regs(kvm.KvmRegs(rip=CODE_ADDR, rsp=STACK_TOP, rflags=0x2))
+def _build_memory(memory: GuestMemory, iterations: int) -> None:
+    # The same identity map and GDT the Linux boot path uses, so the probe tests them too.
+    write_page_tables(memory)
+    write_gdt(memory)
+    memory.write(CODE_ADDR, guest_code(iterations))
 
 
 def measure(iterations: int, *, device: str = "/dev/kvm") -> ProbeResult:
@@ -107,16 +75,16 @@ def measure(iterations: int, *, device: str = "/dev/kvm") -> ProbeResult:
             vm.set_tss_addr(TSS_ADDR)
         if vm.check_extension(kvm.KVM_CAP_SET_IDENTITY_MAP_ADDR):
             vm.set_identity_map_addr(IDENTITY_MAP_ADDR)
-        mem = mmap.mmap(-1, MEM_SIZE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        memory = GuestMemory(MEM_SIZE, "sandvmm-probe")
         try:
-            _build_memory(mem, iterations)
-            vm.set_user_memory_region(0, 0, MEM_SIZE, kvm.mmap_address(mem))
+            _build_memory(memory, iterations)
+            vm.set_user_memory_region(0, 0, MEM_SIZE, kvm.mmap_address(memory.mapping))
             with vm.create_vcpu(0) as vcpu:
-                _enter_long_mode(vcpu)
+                enter_long_mode(vcpu, CODE_ADDR)
                 seconds, reported = _run_to_halt(vcpu)
                 regs = vcpu.get_regs()
         finally:
-            mem.close()
+            memory.close()
     if not reported:
         raise ProbeError("guest halted without reporting completion on port "
                          f"{DONE_PORT:#x}")
