@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sandvmm.errors import UserError
-from sandvmm.main.memory import GuestMemory, e820_map
+from sandvmm.memory import GuestMemory, e820_map
 
 # Where our boot structures live in low RAM (all below the EBDA, above the real-mode IVT).
 GDT_ADDRESS = 0x500

@@ -21,7 +21,7 @@ from sandvmm.main.legacy.i8042 import I8042
 from sandvmm.main.legacy.pm import PowerManagement
 from sandvmm.main.legacy.rtc import Rtc
 from sandvmm.main.legacy.serial import Serial
-from sandvmm.main.memory import GuestMemory, MiB
+from sandvmm.memory import GuestMemory, MiB
 from sandvmm.main.pci import CONFIG_ADDRESS_PORT, PciRoot
 from sandvmm.main.vcpu import VcpuThread
 

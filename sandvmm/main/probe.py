@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from sandvmm.main import kvm
 from sandvmm.main.boot import write_gdt, write_page_tables
 from sandvmm.main.cpu import enter_long_mode
-from sandvmm.main.memory import GuestMemory, MiB
+from sandvmm.memory import GuestMemory, MiB
 
 # One small RAM slot at 0: boot.py's page tables and GDT below 64 KiB, the code at 1 MiB.
 MEM_SIZE = 2 * MiB

@@ -9,7 +9,7 @@ from sandvmm.image.build import ensure_image
 from sandvmm.main import kvm
 from sandvmm.main.boot import BOOT_PARAMS_ADDRESS, BzImage, load_linux, read_kernel
 from sandvmm.main.cpu import vcpu_cpuid
-from sandvmm.main.memory import GiB, MiB, GuestMemory, GuestMemoryError, e820_map
+from sandvmm.memory import GiB, MiB, GuestMemory, GuestMemoryError, e820_map
 from sandvmm.main.run import MarkerFilter
 
 

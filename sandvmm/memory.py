@@ -1,5 +1,8 @@
 """Guest RAM: one memfd, mapped shared, laid out around the x86 MMIO hole.
 
+Shared by main (which creates it and hands it to KVM) and the device children (which
+inherit the mapping across fork and read queues and buffers through `slice`).
+
 One memfd rather than anonymous memory so that device children can map the very same
 pages (inherited across fork, or passed over a socket). It is sealed against shrinking:
 a child that truncated it would make main fault (SIGBUS) on every access past the new end.
