@@ -9,8 +9,11 @@ a child that truncated it would make main fault (SIGBUS) on every access past th
 
 Guest-physical layout:
   0 .. 3 GiB          RAM (the first 1 MiB has the legacy holes marked reserved in e820)
-  3 GiB .. 4 GiB      MMIO hole: PCI BARs and ECAM, IOAPIC, LAPIC, the TSS pages
+  3 GiB .. 3.5 GiB    MMIO hole: the 32-bit PCI BAR window
+  3.5 GiB .. +1 MiB   PCI ECAM (bus 0), reserved in e820 as Linux wants before it trusts MCFG
+  .. 4 GiB            IOAPIC, LAPIC, the TSS pages
   4 GiB ..            the rest of RAM when --mem is larger than 3 GiB
+  then                the 64-bit PCI BAR window, from the next GiB boundary above RAM
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ MiB = 1 << 20
 GiB = 1 << 30
 MMIO_HOLE_START = 3 * GiB
 MMIO_HOLE_END = 4 * GiB
+PCI_WINDOW32 = (MMIO_HOLE_START, 512 * MiB)
+ECAM_BASE, ECAM_SIZE = 0xE0000000, 1 * MiB
+PCI_WINDOW64_SIZE = 64 * GiB
 EBDA_START = 0x9FC00  # conventional memory ends here; BIOS data, VGA and ROM follow
 HIGH_MEMORY_START = 1 * MiB
 
@@ -54,6 +60,12 @@ def ram_regions(size: int) -> list[Region]:
     return regions
 
 
+def pci_window64(size: int) -> tuple[int, int]:
+    """(base, size) of the 64-bit BAR window: above all RAM, GiB-aligned."""
+    ram_end = ram_regions(size)[-1].end
+    return max(MMIO_HOLE_END, -(-ram_end // GiB) * GiB), PCI_WINDOW64_SIZE
+
+
 def e820_map(size: int) -> list[tuple[int, int, int]]:
     """(address, length, type) entries for boot_params."""
     low, *high = ram_regions(size)
@@ -62,6 +74,7 @@ def e820_map(size: int) -> list[tuple[int, int, int]]:
         (EBDA_START, HIGH_MEMORY_START - EBDA_START, E820_RESERVED),
         (HIGH_MEMORY_START, low.size - HIGH_MEMORY_START, E820_RAM),
     ]
+    entries.append((ECAM_BASE, ECAM_SIZE, E820_RESERVED))
     entries += [(region.guest_address, region.size, E820_RAM) for region in high]
     return entries
 

@@ -264,3 +264,33 @@ def pvpanic_device(port: int) -> bytes:
     writes 1 to its I/O port when the kernel panics, so the VMM learns of a panic directly."""
     return aml.scope("\\_SB", aml.device("PEVT", aml.name("_HID", "QEMU0001"),
                                           aml.name("_CRS", aml.resource_template(aml.io_port(port, 1)))))
+
+
+def pci_host_bridge(window32: tuple[int, int], window64: tuple[int, int], intx_gsi: dict[int, int]) -> bytes:
+    """DSDT AML for the PCIe host bridge of bus 0.
+
+    _CRS lists the windows the bridge forwards: Linux only keeps firmware-assigned BARs that
+    lie inside them. _PRT maps each slot's INTA to an IOAPIC pin directly (source 0 = a GSI,
+    no link device); Linux then programs those pins level-triggered, which is what the
+    devices' resampling irqfds expect.
+    """
+    (base32, size32), (base64, size64) = window32, window64
+    resources = aml.resource_template(
+        aml.word_bus_number(0, 0),
+        aml.io_port(0xCF8, 8),
+        aml.word_io(0x0000, 0x0CF7),
+        aml.word_io(0x0D00, 0xFFFF),
+        aml.dword_memory(base32, base32 + size32 - 1),
+        aml.qword_memory(base64, base64 + size64 - 1),
+    )
+    routing = aml.package(*(aml.package(slot << 16 | 0xFFFF, 0, 0, gsi) for slot, gsi in sorted(intx_gsi.items())))
+    return aml.scope("\\_SB", aml.device(
+        "PCI0",
+        aml.name("_HID", aml.eisa_id("PNP0A08")),  # PCI Express root bridge
+        aml.name("_CID", aml.eisa_id("PNP0A03")),  # compatible: PCI root bridge
+        aml.name("_SEG", 0),
+        aml.name("_BBN", 0),
+        aml.name("_UID", 0),
+        aml.name("_CRS", resources),
+        aml.name("_PRT", routing),
+    ))

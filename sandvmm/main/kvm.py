@@ -135,6 +135,21 @@ class KvmPitConfig(ctypes.Structure):
     _fields_ = [("flags", u32), ("pad", u32 * 15)]
 
 
+class KvmIrqfd(ctypes.Structure):
+    _fields_ = [("fd", u32), ("gsi", u32), ("flags", u32), ("resamplefd", u32), ("pad", ctypes.c_uint8 * 16)]
+
+
+class KvmIoeventfd(ctypes.Structure):
+    _fields_ = [("datamatch", u64), ("addr", u64), ("len", u32), ("fd", ctypes.c_int32),
+                ("flags", u32), ("pad", ctypes.c_uint8 * 36)]
+
+
+class KvmIrqRoutingEntry(ctypes.Structure):
+    # The union is irqchip {irqchip, pin} or msi {address_lo, address_hi, data, pad}; eight
+    # u32s cover its largest member.
+    _fields_ = [("gsi", u32), ("type", u32), ("flags", u32), ("pad", u32), ("u", u32 * 8)]
+
+
 def _counted(entry_type, count: int, count_field: str = "nent"):
     """A kvm_cpuid2/kvm_msrs-style struct: a u32 count, padding, then `count` entries."""
     class Counted(ctypes.Structure):
@@ -146,6 +161,8 @@ def _counted(entry_type, count: int, count_field: str = "nent"):
 assert ctypes.sizeof(KvmRegs) == 144 and ctypes.sizeof(KvmSregs) == 312
 assert ctypes.sizeof(KvmUserspaceMemoryRegion) == 32 and KvmRun.exit.offset == 32
 assert ctypes.sizeof(KvmCpuidEntry2) == 40 and ctypes.sizeof(KvmPitConfig) == 64
+assert ctypes.sizeof(KvmIrqfd) == 32 and ctypes.sizeof(KvmIoeventfd) == 64
+assert ctypes.sizeof(KvmIrqRoutingEntry) == 48
 
 # --- ioctls ------------------------------------------------------------------
 KVMIO = 0xAE
@@ -159,6 +176,9 @@ KVM_GET_SUPPORTED_CPUID = _IOC(3, KVMIO, 0x05, 8)  # sizes count the header only
 KVM_CREATE_IRQCHIP = _IO(KVMIO, 0x60)
 KVM_IRQ_LINE = _IOW(KVMIO, 0x61, KvmIrqLevel)
 KVM_CREATE_PIT2 = _IOW(KVMIO, 0x77, KvmPitConfig)
+KVM_SET_GSI_ROUTING = _IOC(1, KVMIO, 0x6A, 8)
+KVM_IRQFD = _IOW(KVMIO, 0x76, KvmIrqfd)
+KVM_IOEVENTFD = _IOW(KVMIO, 0x79, KvmIoeventfd)
 KVM_SET_MSRS = _IOC(1, KVMIO, 0x89, 8)
 KVM_SET_CPUID2 = _IOC(1, KVMIO, 0x90, 8)
 KVM_CREATE_VCPU = _IO(KVMIO, 0x41)
@@ -182,6 +202,15 @@ KVM_CAP_SET_IDENTITY_MAP_ADDR = 37
 KVM_CAP_IRQCHIP = 0
 KVM_CAP_PIT2 = 33
 KVM_CAP_IMMEDIATE_EXIT = 136
+KVM_CAP_IRQ_ROUTING = 25
+KVM_CAP_IRQFD = 32
+KVM_CAP_IOEVENTFD = 36
+KVM_CAP_IRQFD_RESAMPLE = 82
+
+KVM_IRQFD_FLAG_DEASSIGN, KVM_IRQFD_FLAG_RESAMPLE = 1, 2
+KVM_IOEVENTFD_FLAG_DATAMATCH, KVM_IOEVENTFD_FLAG_PIO, KVM_IOEVENTFD_FLAG_DEASSIGN = 1, 2, 4
+KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI = 1, 2
+KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQCHIP_IOAPIC = 0, 1, 2
 
 # kvm_run.system_event.type
 KVM_SYSTEM_EVENT_SHUTDOWN, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_CRASH = 1, 2, 3
@@ -330,6 +359,49 @@ class Vm(_Fd):
 
     def irq_line(self, irq: int, level: bool) -> None:
         _ioctl(self.fd, KVM_IRQ_LINE, KvmIrqLevel(irq, int(level)))
+
+    def set_gsi_routing(self, routes: list[KvmIrqRoutingEntry]) -> None:
+        """Replace the whole GSI routing table (KVM keeps no other)."""
+        table = _counted(KvmIrqRoutingEntry, len(routes), "nr")(nr=len(routes))
+        for index, route in enumerate(routes):
+            table.entries[index] = route
+        _ioctl(self.fd, KVM_SET_GSI_ROUTING, table)
+
+    def irqfd(self, fd: int, gsi: int, resample_fd: int | None = None, deassign: bool = False) -> None:
+        """Writing 1 to eventfd `fd` raises `gsi`; with `resample_fd` the line is level-triggered
+        and KVM signals resample_fd when the guest EOIs it (so the device can re-assert)."""
+        flags = (KVM_IRQFD_FLAG_DEASSIGN if deassign else 0) | (KVM_IRQFD_FLAG_RESAMPLE if resample_fd is not None else 0)
+        _ioctl(self.fd, KVM_IRQFD, KvmIrqfd(fd, gsi, flags, resample_fd or 0))
+
+    def ioeventfd(self, fd: int, address: int, length: int, pio: bool = False, deassign: bool = False) -> None:
+        """A guest write of `length` bytes at `address` signals eventfd `fd` inside KVM, with
+        no exit to us."""
+        flags = (KVM_IOEVENTFD_FLAG_PIO if pio else 0) | (KVM_IOEVENTFD_FLAG_DEASSIGN if deassign else 0)
+        _ioctl(self.fd, KVM_IOEVENTFD, KvmIoeventfd(0, address, length, fd, flags))
+
+
+def irqchip_route(gsi: int, chip: int, pin: int) -> KvmIrqRoutingEntry:
+    route = KvmIrqRoutingEntry(gsi=gsi, type=KVM_IRQ_ROUTING_IRQCHIP)
+    route.u[0], route.u[1] = chip, pin
+    return route
+
+
+def msi_route(gsi: int, address: int, data: int) -> KvmIrqRoutingEntry:
+    route = KvmIrqRoutingEntry(gsi=gsi, type=KVM_IRQ_ROUTING_MSI)
+    route.u[0], route.u[1], route.u[2] = address & 0xFFFFFFFF, address >> 32, data
+    return route
+
+
+def default_irqchip_routes() -> list[KvmIrqRoutingEntry]:
+    """KVM's own routing after KVM_CREATE_IRQCHIP: GSIs 0-15 reach both PICs and the IOAPIC,
+    16-23 the IOAPIC only. KVM_SET_GSI_ROUTING replaces the table, so ours starts from these."""
+    routes = []
+    for gsi in range(24):
+        if gsi < 16:
+            chip = KVM_IRQCHIP_PIC_MASTER if gsi < 8 else KVM_IRQCHIP_PIC_SLAVE
+            routes.append(irqchip_route(gsi, chip, gsi % 8))
+        routes.append(irqchip_route(gsi, KVM_IRQCHIP_IOAPIC, gsi))
+    return routes
 
 
 class Vcpu(_Fd):

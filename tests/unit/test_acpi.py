@@ -14,6 +14,7 @@ import subprocess
 import pytest
 
 from sandvmm.main import acpi, aml
+from sandvmm.memory import PCI_WINDOW32, pci_window64
 
 BASE = 0xE0000
 ECAM = (0xB0000000, 0, 255)
@@ -219,24 +220,13 @@ def run(args, cwd):
 
 
 def pci_host_bridge():
-    """What the PCI engineer will add: a realistic use of every public AML helper."""
-    return aml.scope("\\_SB", aml.device("PCI0",
-        aml.name("_HID", aml.eisa_id("PNP0A08")),
-        aml.name("_CID", aml.eisa_id("PNP0A03")),
-        aml.name("_SEG", 0), aml.name("_BBN", 0), aml.name("_UID", 0),
-        aml.name("_CRS", aml.resource_template(
-            aml.word_bus_number(0, 0xFF),
-            aml.io_port(0xCF8, 8),
-            aml.word_io(0x0000, 0x0CF7),
-            aml.word_io(0x0D00, 0xFFFF),
-            aml.dword_memory(0xC0000000, 0xFEBFFFFF),
-            aml.qword_memory(0x80_0000_0000, 0xFF_FFFF_FFFF, prefetchable=True))),
-        aml.name("_PRT", aml.package(*(
-            aml.package(slot << 16 | 0xFFFF, pin, 0, 16 + (slot + pin) % 4)
-            for slot in range(1, 32) for pin in range(4)))),
+    """The real host bridge, plus a device using the AML helpers the bridge does not."""
+    bridge = acpi.pci_host_bridge(PCI_WINDOW32, pci_window64(5 << 30), {slot: 16 + slot % 8 for slot in range(1, 32)})
+    return bridge + aml.scope("\\_SB", aml.device("TEST",
+        aml.name("_HID", "SVMM0001"),
         aml.method("_STA", aml.return_(0x0F)),
         aml.method("_DSM", aml.return_(aml.buffer(b"\x00")), args=4, serialized=True),
-        aml.method("\\_SB.PCI0.BIG_", aml.return_(0x123456789)),
+        aml.method("\\_SB.TEST.BIG_", aml.return_(0x123456789)),
     ))
 
 
@@ -287,7 +277,7 @@ def test_acpiexec_loads_the_tables_as_linux_would_and_evaluates_s5(tmp_path):
     for signature in ("FACP", "DSDT", "APIC", "MCFG"):
         files.append(f"{signature.lower()}.dat")
         (tmp_path / files[-1]).write_bytes(tables[signature])
-    out = subprocess.run([acpiexec, "-b", "evaluate \\_S5; evaluate \\_SB.PCI0._CRS", *files],
+    out = subprocess.run([acpiexec, "-b", "evaluate \\_S5; evaluate \\_SB.PCI0._CRS; evaluate \\_SB.PCI0._PRT", *files],
                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
     text = out.stdout + out.stderr
     # acpiexec's built-in self-tests poke GPEs, the PM timer and PM2 (ARB_DIS), none of which
@@ -297,3 +287,5 @@ def test_acpiexec_loads_the_tables_as_linux_would_and_evaluates_s5(tmp_path):
     values = [int(v, 16) for v in re.findall(r"\[Integer\] = ([0-9A-F]+)", s5)[:4]]
     assert values == [5, 5, 0, 0]
     assert "Evaluation of \\_SB.PCI0._CRS returned" in text
+    prt = text.split("Evaluation of \\_SB.PCI0._PRT", 1)[1]
+    assert "[Package] Contains 31 Elements" in prt, prt[:400]

@@ -9,7 +9,7 @@ from sandvmm.image.build import ensure_image
 from sandvmm.main import kvm
 from sandvmm.main.boot import BOOT_PARAMS_ADDRESS, BzImage, load_linux, read_kernel
 from sandvmm.main.cpu import vcpu_cpuid
-from sandvmm.memory import GiB, MiB, GuestMemory, GuestMemoryError, e820_map
+from sandvmm.memory import ECAM_BASE, ECAM_SIZE, GiB, MiB, GuestMemory, GuestMemoryError, e820_map
 from sandvmm.main.run import MarkerFilter
 
 
@@ -18,7 +18,10 @@ def test_e820_splits_ram_around_the_mmio_hole():
     ram = sum(length for _, length, kind in entries if kind == 1)
     assert ram == 5 * GiB - (0x100000 - 0x9FC00)
     assert (4 * GiB, 2 * GiB, 1) in entries
-    assert all(not (3 * GiB <= address < 4 * GiB) for address, _, _ in entries)
+    assert all(not (3 * GiB <= address < 4 * GiB) for address, _, kind in entries if kind == 1)
+    # Linux uses the MCFG's ECAM window only if firmware reserved it.
+    assert (ECAM_BASE, ECAM_SIZE, 2) in entries
+    assert [address for address, _, _ in entries] == sorted(address for address, _, _ in entries)
 
 
 def test_guest_memory_refuses_ranges_outside_ram():
