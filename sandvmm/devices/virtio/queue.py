@@ -1,0 +1,413 @@
+"""The split virtqueue (virtio 1.2, section 2.7), device side, sans-I/O.
+
+Pure parsing and state over guest RAM: no syscalls, no eventfds, no interrupts. A device's
+trio loop calls `pop()` when kicked, hands the `Chain` to its core, calls `add_used()` and
+raises the interrupt when `needs_interrupt()` says so.
+
+Everything in the rings and descriptors is guest-controlled and may change under us at
+any time, so every value is read once (one `unpack_from` per descriptor), checked, and
+only then used. `GuestError` is the only exception that leaves this module for anything
+the guest controls.
+
+Guest memory is any object with `slice(address, length) -> memoryview` that raises
+`sandvmm.memory.GuestMemoryError` for a range that is not entirely RAM.
+
+Memory ordering: the driver runs on other CPUs. CPython gives us no barriers, so this
+relies on x86-64's ordering (loads are not reordered with loads, stores not with stores)
+for "avail idx before ring entries" and "used element before used idx". The one
+reordering x86 does make, a later load passing an earlier store, matters where we write
+a notification setting and then read the driver's state; `full_barrier()` covers it.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from dataclasses import dataclass
+
+from sandvmm.memory import GuestMemoryError
+
+MAX_QUEUE_SIZE = 32768
+
+VIRTQ_DESC_F_NEXT = 1
+VIRTQ_DESC_F_WRITE = 2
+VIRTQ_DESC_F_INDIRECT = 4
+VIRTQ_AVAIL_F_NO_INTERRUPT = 1
+VIRTQ_USED_F_NO_NOTIFY = 1
+
+DESCRIPTOR = struct.Struct("<QIHH")  # addr, len, flags, next
+DESCRIPTOR_SIZE = DESCRIPTOR.size
+USED_ELEMENT = struct.Struct("<II")  # id, len
+U16 = struct.Struct("<H")
+
+DESCRIPTOR_TABLE_ALIGNMENT = 16
+DRIVER_AREA_ALIGNMENT = 2
+DEVICE_AREA_ALIGNMENT = 4
+
+ADDRESS_LIMIT = 1 << 64
+# used.len is 32 bits, so a chain's total must fit there (the spec allows 2^32 exactly;
+# one byte less keeps every count we report representable).
+MAX_CHAIN_BYTES = (1 << 32) - 1
+
+_unpack_descriptor = DESCRIPTOR.unpack_from
+_unpack_u16 = U16.unpack_from
+_pack_u16 = U16.pack_into
+_pack_used_element = USED_ELEMENT.pack_into
+
+
+def descriptor_table_size(size: int) -> int:
+    return DESCRIPTOR_SIZE * size
+
+
+def driver_area_size(size: int) -> int:
+    """flags, idx, ring[size], used_event."""
+    return 6 + 2 * size
+
+
+def device_area_size(size: int) -> int:
+    """flags, idx, ring[size] of (id, len), avail_event."""
+    return 6 + 8 * size
+
+
+_barrier_lock = threading.Lock()
+_barrier_acquire = _barrier_lock.acquire
+_barrier_release = _barrier_lock.release
+
+
+def full_barrier() -> None:
+    """A full memory fence (store-load included).
+
+    Taking a lock is an atomic read-modify-write (a `lock`-prefixed instruction on x86),
+    which orders every earlier store before every later load; Python has no fence of
+    its own.
+    """
+    _barrier_acquire()
+    _barrier_release()
+
+
+class GuestError(Exception):
+    """The guest broke a virtqueue rule.
+
+    `head` is the chain's head index when the error concerns one chain that has been
+    taken off the ring: the device completes it (`add_used(head, 0)`, or an error status
+    where it can) and carries on. `head` is None when the ring itself is unusable: the
+    device sets DEVICE_NEEDS_RESET and raises a configuration interrupt.
+    """
+
+    def __init__(self, message: str, head: int | None = None):
+        super().__init__(message)
+        self.head = head
+
+
+@dataclass
+class QueueConfig:
+    """A queue as the driver programmed it through the transport (guest-physical)."""
+
+    size: int
+    descriptor_table: int
+    driver_area: int  # the available ring
+    device_area: int  # the used ring
+
+
+class Chain:
+    """One descriptor chain: zero-copy views of the guest's buffers.
+
+    `readable` views are read-only (the device must not write the driver's requests);
+    `writable` ones are where replies go. Views stay valid as long as guest RAM is
+    mapped; the guest may change their contents at any time, so read each byte once.
+    """
+
+    __slots__ = ("head", "readable", "writable", "readable_length", "writable_length")
+
+    def __init__(self, head: int, readable: list[memoryview], writable: list[memoryview],
+                 readable_length: int, writable_length: int):
+        self.head = head
+        self.readable = readable
+        self.writable = writable
+        self.readable_length = readable_length
+        self.writable_length = writable_length
+
+    def __repr__(self) -> str:
+        return (f"Chain(head={self.head}, readable={[len(v) for v in self.readable]}, "
+                f"writable={[len(v) for v in self.writable]})")
+
+    def read(self, limit: int | None = None, offset: int = 0) -> bytes:
+        """Gather up to `limit` bytes of the readable part, starting `offset` bytes in."""
+        readable = self.readable
+        if offset == 0 and (limit is None or limit >= self.readable_length):
+            if len(readable) == 1:
+                return bytes(readable[0])
+            return b"".join(readable)
+        return b"".join(_window(readable, offset, limit))
+
+    def write(self, data, offset: int = 0) -> int:
+        """Scatter `data` into the writable part from `offset`; returns bytes written.
+
+        Writes stop at the end of the writable buffers: what does not fit is dropped
+        (the count says how much did).
+        """
+        source = memoryview(data)
+        if source.format != "B" or source.ndim != 1:
+            source = source.cast("B")
+        total = len(source)
+        writable = self.writable
+        if offset == 0 and len(writable) == 1:  # the common case: one reply buffer
+            target = writable[0]
+            count = min(total, len(target))
+            target[:count] = source[:count]
+            return count
+        written = 0
+        for view in writable:
+            length = len(view)
+            if offset >= length:
+                offset -= length
+                continue
+            count = min(length - offset, total - written)
+            view[offset:offset + count] = source[written:written + count]
+            written += count
+            offset = 0
+            if written == total:
+                break
+        return written
+
+    def readable_views(self, offset: int = 0, length: int | None = None) -> list[memoryview]:
+        """Views covering readable bytes [offset, offset+length): for os.pwritev and the like."""
+        return _window(self.readable, offset, length)
+
+    def writable_views(self, offset: int = 0, length: int | None = None) -> list[memoryview]:
+        """Views covering writable bytes [offset, offset+length): for os.preadv and the like."""
+        return _window(self.writable, offset, length)
+
+
+def _window(views: list[memoryview], offset: int, length: int | None) -> list[memoryview]:
+    """The parts of a scatter list that cover [offset, offset+length)."""
+    result = []
+    remaining = -1 if length is None else length
+    for view in views:
+        if remaining == 0:
+            break
+        size = len(view)
+        if offset >= size:
+            offset -= size
+            continue
+        end = size if remaining < 0 else min(size, offset + remaining)
+        result.append(view[offset:end] if offset or end != size else view)
+        if remaining > 0:
+            remaining -= end - offset
+        offset = 0
+    return result
+
+
+class SplitQueue:
+    """The device's side of one split virtqueue.
+
+    `event_idx` and `indirect` say whether VIRTIO_F_EVENT_IDX and VIRTIO_F_INDIRECT_DESC
+    were negotiated. `last_available`/`next_used` give where the ring stands when a
+    device process takes over a running queue (restore, restart); a fresh queue is 0/0.
+    Raises GuestError(head=None) if the configuration is unusable.
+
+    Notifications start enabled. A typical loop, on each kick:
+
+        queue.set_notifications(False)   # optional: fewer kicks while we drain
+        while (chain := queue.pop()) is not None: ...handle, add_used...
+        queue.set_notifications(True)
+        if queue.has_available(): ...drain again
+
+    The re-check after re-enabling is required: a driver that published a buffer
+    before it could see notifications re-enabled will not kick, and nobody would pop
+    that buffer. With EVENT_IDX, `pop()` does this re-check itself when it finds the
+    ring empty with notifications enabled, so a plain "pop until None" loop is safe.
+    """
+
+    def __init__(self, memory, config: QueueConfig, *, event_idx: bool, indirect: bool,
+                 last_available: int = 0, next_used: int = 0):
+        size = config.size
+        if not (isinstance(size, int) and 1 <= size <= MAX_QUEUE_SIZE and size & (size - 1) == 0):
+            raise GuestError(f"queue size {size} is not a power of two from 1 to {MAX_QUEUE_SIZE}")
+        areas = (("descriptor table", config.descriptor_table, descriptor_table_size(size),
+                  DESCRIPTOR_TABLE_ALIGNMENT),
+                 ("driver area", config.driver_area, driver_area_size(size), DRIVER_AREA_ALIGNMENT),
+                 ("device area", config.device_area, device_area_size(size), DEVICE_AREA_ALIGNMENT))
+        views = []
+        for name, address, length, alignment in areas:
+            if not 0 <= address <= ADDRESS_LIMIT - length:
+                raise GuestError(f"queue {name} at {address:#x} overflows the address space")
+            if address % alignment:
+                raise GuestError(f"queue {name} at {address:#x} is not {alignment}-byte aligned")
+            try:
+                views.append(memory.slice(address, length))
+            except GuestMemoryError as error:
+                raise GuestError(f"queue {name} at {address:#x}+{length:#x} is not in RAM") from error
+        self._descriptors, self._avail, self._used = views
+        self.memory = memory
+        self.size = size
+        self.event_idx = event_idx
+        self.indirect = indirect
+        self._mask = size - 1
+        self._used_event_offset = 4 + 2 * size  # in the driver area
+        self._avail_event_offset = 4 + 8 * size  # in the device area
+        self._last_available = last_available & 0xFFFF
+        self._next_used = next_used & 0xFFFF
+        self._signalled_used = self._next_used  # used idx when needs_interrupt last ran
+        self._notifications = True
+        self._publish_notification_state()
+
+    @property
+    def last_available(self) -> int:
+        """Our position in the available ring (16-bit, wraps)."""
+        return self._last_available
+
+    @property
+    def next_used(self) -> int:
+        """The used idx we will publish next (16-bit, wraps)."""
+        return self._next_used
+
+    def _pending(self) -> int:
+        """Published chains not yet popped; reads the avail idx once."""
+        available = _unpack_u16(self._avail, 2)[0]
+        pending = (available - self._last_available) & 0xFFFF
+        if pending > self.size:
+            raise GuestError(f"available idx {available} is {pending} entries ahead of "
+                             f"{self._last_available} in a queue of {self.size}")
+        return pending
+
+    def has_available(self) -> bool:
+        """Whether the driver has published chains we have not popped."""
+        return self._pending() != 0
+
+    def pop(self) -> Chain | None:
+        """The next available chain, or None.
+
+        Raises GuestError: with head=None if the ring is unusable (available idx too
+        far ahead, head index out of range); with the head if that chain is malformed
+        (it is consumed, so the next pop() moves on).
+        """
+        if self._pending() == 0:
+            if not (self.event_idx and self._notifications):
+                return None
+            # Ask for a kick on the next buffer, then look again: see the class docstring.
+            _pack_u16(self._used, self._avail_event_offset, self._last_available)
+            full_barrier()
+            if self._pending() == 0:
+                return None
+        slot = self._last_available & self._mask
+        head = _unpack_u16(self._avail, 4 + 2 * slot)[0]
+        self._last_available = (self._last_available + 1) & 0xFFFF
+        if head >= self.size:
+            raise GuestError(f"available ring slot {slot} names descriptor {head}, "
+                             f"beyond the queue size {self.size}")
+        try:
+            return self._walk(head)
+        except GuestMemoryError as error:
+            raise GuestError(f"chain {head}: {error}", head) from error
+        except struct.error as error:  # a table shorter than we computed: not expected
+            raise GuestError(f"chain {head}: {error}", head) from error
+
+    def _walk(self, head: int) -> Chain:
+        slice_memory = self.memory.slice
+        size = self.size
+        table = self._descriptors
+        entries = size
+        index = head
+        in_indirect = False
+        budget = size  # buffers a chain may have; also what stops a loop
+        readable: list[memoryview] = []
+        writable: list[memoryview] = []
+        readable_length = writable_length = 0
+        while True:
+            if index >= entries:
+                raise GuestError(f"chain {head}: next descriptor {index} is beyond the "
+                                 f"{'indirect table' if in_indirect else 'queue'} size {entries}", head)
+            address, length, flags, next_index = _unpack_descriptor(table, index << 4)
+            if flags & VIRTQ_DESC_F_INDIRECT:
+                # Must be the chain's last direct descriptor; its WRITE flag means nothing.
+                if in_indirect:
+                    raise GuestError(f"chain {head}: nested indirect table", head)
+                if not self.indirect:
+                    raise GuestError(f"chain {head}: indirect descriptor, but INDIRECT_DESC "
+                                     "was not negotiated", head)
+                if flags & VIRTQ_DESC_F_NEXT:
+                    raise GuestError(f"chain {head}: descriptor {index} has both INDIRECT and NEXT", head)
+                if length == 0 or length & 15 or length > size << 4:
+                    raise GuestError(f"chain {head}: indirect table of {length} bytes is not "
+                                     f"1 to {size} descriptors", head)
+                if address + length > ADDRESS_LIMIT:
+                    raise GuestError(f"chain {head}: indirect table overflows the address space", head)
+                table = slice_memory(address, length)
+                entries = length >> 4
+                in_indirect = True
+                index = 0
+                continue
+            if budget == 0:
+                raise GuestError(f"chain {head}: longer than the queue size {size} (a loop?)", head)
+            budget -= 1
+            if address + length > ADDRESS_LIMIT:
+                raise GuestError(f"chain {head}: buffer {address:#x}+{length:#x} overflows", head)
+            view = slice_memory(address, length)
+            if flags & VIRTQ_DESC_F_WRITE:
+                writable.append(view)
+                writable_length += length
+            else:
+                if writable:
+                    raise GuestError(f"chain {head}: readable buffer after a writable one", head)
+                readable.append(view.toreadonly())
+                readable_length += length
+            if not flags & VIRTQ_DESC_F_NEXT:
+                break
+            index = next_index
+        if readable_length + writable_length > MAX_CHAIN_BYTES:
+            raise GuestError(f"chain {head}: more than 4 GiB of buffers", head)
+        return Chain(head, readable, writable, readable_length, writable_length)
+
+    def add_used(self, head: int, written: int) -> None:
+        """Return chain `head` to the driver, `written` bytes having been written into it.
+
+        The element is stored before the idx that publishes it: a driver that sees the
+        new idx must find the element already there.
+        """
+        if not 0 <= head < self.size:
+            raise ValueError(f"head {head} is not a descriptor of a queue of {self.size}")
+        slot = self._next_used & self._mask
+        _pack_used_element(self._used, 4 + 8 * slot, head, written)
+        self._next_used = next_used = (self._next_used + 1) & 0xFFFF
+        _pack_u16(self._used, 2, next_used)
+
+    def needs_interrupt(self) -> bool:
+        """Whether the driver wants an interrupt for the used entries added since the last call.
+
+        False when nothing was added. With EVENT_IDX: whether the driver's used_event lies
+        among the entries added since (wrap-around safe). Without: unless the driver set
+        VIRTQ_AVAIL_F_NO_INTERRUPT.
+        """
+        new = self._next_used
+        old = self._signalled_used
+        self._signalled_used = new
+        if new == old:
+            return False
+        full_barrier()  # our used idx store must be visible before we read the driver's wish
+        if self.event_idx:
+            used_event = _unpack_u16(self._avail, self._used_event_offset)[0]
+            return (new - used_event - 1) & 0xFFFF < (new - old) & 0xFFFF
+        return not _unpack_u16(self._avail, 0)[0] & VIRTQ_AVAIL_F_NO_INTERRUPT
+
+    def set_notifications(self, enabled: bool) -> None:
+        """Ask the driver to kick (or not) when it makes buffers available.
+
+        Without EVENT_IDX this is the used ring's VIRTQ_USED_F_NO_NOTIFY flag; with it,
+        enabling sets avail_event to our position, so the next buffer kicks (disabling
+        leaves avail_event behind, which has the same effect as the flag).
+
+        Race: buffers published while notifications were off came with no kick. After
+        enabling, call `pop()`/`has_available()` again before waiting for a kick.
+        """
+        self._notifications = enabled
+        self._publish_notification_state()
+        if enabled:
+            full_barrier()  # the setting must be visible before the caller's re-check reads idx
+
+    def _publish_notification_state(self) -> None:
+        if self.event_idx:
+            if self._notifications:
+                _pack_u16(self._used, self._avail_event_offset, self._last_available)
+        else:
+            _pack_u16(self._used, 0, 0 if self._notifications else VIRTQ_USED_F_NO_NOTIFY)
