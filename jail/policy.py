@@ -18,6 +18,7 @@ outside M is set).
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -103,8 +104,7 @@ class Rule:
 
     def __str__(self) -> str:
         if self.errno is not None:
-            names = [n for n, v in ERRNO_NUMBERS.items() if v == self.errno]
-            return f"{self.syscall}: return {names[0] if names else self.errno}"
+            return f"{self.syscall}: return {errno.errorcode.get(self.errno, self.errno)}"
         if not self.clauses:
             return f"{self.syscall}: 1"
         return f"{self.syscall}: " + " || ".join(map(str, self.clauses))

@@ -81,5 +81,6 @@ def _build_table() -> dict[str, int]:
 #: Every name a policy expression may use, mapped to its value.
 POLICY_CONSTANTS: dict[str, int] = _build_table()
 
-#: Errno names for `return ERRNO` rules (EPERM, ENOSYS, ...).
-ERRNO_NUMBERS: dict[str, int] = {name: number for number, name in errno.errorcode.items()}
+#: Errno names for `return ERRNO` rules (EPERM, ENOSYS, EWOULDBLOCK, ...).
+ERRNO_NUMBERS: dict[str, int] = {name: value for name, value in vars(errno).items()
+                                 if name.startswith("E") and isinstance(value, int)}

@@ -94,8 +94,11 @@ class JailedProcess:
     def wait(self, timeout: float | None = None) -> int:
         """The exit status (-N when killed by signal N); TimeoutError after timeout s."""
         if self.returncode is None:
-            if not linux.wait_readable(self.pidfd, timeout):
-                raise TimeoutError(f"jailed {self.name!r} (pid {self.pid}) is still running")
+            if timeout is not None:
+                if self.pidfd < 0:
+                    raise ValueError("wait(timeout) needs the pidfd, which close() released")
+                if not linux.wait_readable(self.pidfd, timeout):
+                    raise TimeoutError(f"jailed {self.name!r} (pid {self.pid}) is still running")
             _, status = os.waitpid(self.pid, 0)
             self.returncode = os.waitstatus_to_exitcode(status)
         return self.returncode
@@ -105,7 +108,10 @@ class JailedProcess:
         namespace, it only receives SIGKILL, SIGSTOP and signals it has a handler for."""
         if self.returncode is None:
             with contextlib.suppress(ProcessLookupError):
-                signal.pidfd_send_signal(self.pidfd, sig)
+                if self.pidfd >= 0:
+                    signal.pidfd_send_signal(self.pidfd, sig)
+                else:  # still unreaped, so the pid cannot have been reused
+                    os.kill(self.pid, sig)
 
     def describe_exit(self) -> str:
         code = self.returncode

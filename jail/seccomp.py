@@ -37,7 +37,7 @@ VIOLATION_ACTIONS = {
     "log": pyseccomp.LOG,            # allowed, and logged by the kernel (audit/kmsg)
 }
 
-# libseccomp allows only this many rules from one `&` expansion (see _clause_args).
+# At most this many libseccomp rules from one clause's `&` tests (see _clause_args).
 MAX_RULES_PER_CLAUSE = 64
 
 _SECCOMP_FILTER_FLAG_TSYNC = 1 << 0
@@ -48,6 +48,7 @@ _OPS = {
     "==": pyseccomp.EQ, "!=": pyseccomp.NE, "<": pyseccomp.LT, "<=": pyseccomp.LE,
     ">": pyseccomp.GT, ">=": pyseccomp.GE,
 }
+
 
 def syscall_number(name: str) -> int | None:
     """The native (x86_64) number of a syscall, or None if libseccomp does not know it."""
@@ -91,8 +92,8 @@ def compile_program(policy: Policy, violation_action: str, timeout: float = 5.0)
     """The policy as a classic-BPF program (struct sock_filter[]) for seccomp(2).
 
     libseccomp 2.5.4 never returns from seccomp_rule_add() for some rule sets, e.g.
-    `getpid: arg5 == 0x80 && arg4 < 1 || arg5 == 0x100000000 && arg4 < 1` (a 64-bit
-    constant in one argument plus a non-== test of a later one). So the rules are added
+    `getpid: arg5 == 0x80 && arg4 < 1 || arg5 == 0x100000000 && arg4 < 1` (constants
+    above 32 bits in one argument, a non-== test of another). So the rules are added
     in a short-lived forked process that reports each rule before adding it; a compile
     that takes longer than `timeout` seconds becomes a PolicyError naming the rule.
     """
@@ -107,6 +108,7 @@ def compile_program(policy: Policy, violation_action: str, timeout: float = 5.0)
         os.close(read_end)
         _compile_into(policy, violation_action, write_end)
     os.close(write_end)
+    finished = False
     try:
         output, finished = _read_until_eof(read_end, time.monotonic() + timeout)
     finally:
@@ -319,6 +321,8 @@ class SeccompListener:
 
         Raises TimeoutError when timeout (seconds) passes first.
         """
+        if self._fd < 0:
+            raise ValueError("the seccomp listener is closed")
         deadline = None if timeout is None else time.monotonic() + timeout
         poller = select.poll()
         poller.register(self._fd, select.POLLIN)

@@ -49,10 +49,12 @@ def test_and_binds_tighter_than_or():
 
 
 def test_unconditional_allow_and_return_errno():
-    policy = parse_policy("read: 1\ngetrandom: return EPERM\nuname: return 38\n")
+    policy = parse_policy("read: 1\ngetrandom: return EPERM\nuname: return 38\n"
+                          "sched_yield: return EWOULDBLOCK\n")
     assert policy.rules["read"] == Rule("read")
     assert policy.rules["getrandom"].errno == errno.EPERM
     assert policy.rules["uname"].errno == errno.ENOSYS
+    assert policy.rules["sched_yield"].errno == errno.EAGAIN  # aliases are known too
     assert policy.rules["read"].allows([0] * 6)
     assert not policy.rules["getrandom"].allows([0] * 6)
 

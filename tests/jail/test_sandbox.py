@@ -20,7 +20,7 @@ import time
 import pytest
 import trio
 
-from jail import JailConfig, JailError, parse_policy, spawn
+from jail import JailConfig, JailError, Policy, load_policy, parse_policy, spawn
 from tests.jail.conftest import (
     MINIMAL_POLICY,
     POLICIES,
@@ -335,6 +335,28 @@ def test_a_policy_that_starves_the_handshake_is_a_clear_error():
     else:  # CPython happened to need no new memory: then the child must run normally
         assert child.wait(timeout=10) == 0
         child.close()
+
+
+def test_a_handshake_stuck_under_notify_times_out_with_a_reason():
+    # sendmsg is listed but never matches: under "notify" the child's "ready" message
+    # waits for a supervisor that does not exist yet.
+    never_matching = parse_policy("sendmsg: arg2 == 0x4000\n").rules["sendmsg"]
+    stuck = Policy({**load_policy(MINIMAL_POLICY).rules, "sendmsg": never_matching})
+    started = time.monotonic()
+    with pytest.raises(JailError, match="did not finish jailing itself in time"):
+        spawn(JailConfig("stuck", stuck, "notify", start_timeout=0.5), lambda: 0)
+    assert time.monotonic() - started < 5
+
+
+def test_a_closed_process_can_still_be_killed_and_reaped(jails, pipe):
+    read_end, _ = pipe
+    child = jails(JailConfig("closed", MINIMAL_POLICY, "kill", keep_fds=(read_end,)),
+                  blocking_target(read_end))
+    child.close()
+    with pytest.raises(ValueError, match=r"close\(\) released"):
+        child.wait(timeout=1)  # waiting with a timeout needs the pidfd
+    child.kill()  # by pid: it is not reaped yet, so the pid is still its own
+    assert child.wait() == -signal.SIGKILL
 
 
 def test_children_start_fast(jails):
