@@ -361,6 +361,8 @@ def _jail_self(plan: _Plan, sock: socket.socket, user_namespace: bool) -> None:
             privileges.make_dumpable()
             namespaces.write_id_map("self", 0, plan.host_uid, 0, plan.host_gid,
                                     deny_setgroups=True)
+    with _step("name the process"):
+        privileges.set_process_name(plan.name)
     with _step("start a new session"):
         os.setsid()  # no controlling terminal: no job-control signals, no TIOCSTI
     with _step("close inherited file descriptors"):

@@ -22,19 +22,38 @@ def _package_list(text: str) -> list[str]:
 
 
 def _serial_option(text: str) -> dict[str, str]:
-    """crosvm's --serial key=value list; we support COM1 to stdout, a file, or nowhere."""
+    """crosvm's --serial key=value list: COM1 (hardware=serial) or a virtio-console port
+    (hardware=virtio-console), each to stdout, a file, or nowhere."""
     options = dict(item.partition("=")[::2] for item in text.split(",") if item)
-    kind = options.get("type", "stdout")
+    kind = options.setdefault("type", "stdout")
     if kind not in ("stdout", "file", "sink"):
         raise argparse.ArgumentTypeError(f"type={kind} is not supported (stdout, file or sink)")
     if kind == "file" and not options.get("path"):
         raise argparse.ArgumentTypeError("type=file needs path=")
-    if options.get("hardware", "serial") != "serial" or options.get("num", "1") != "1":
-        raise argparse.ArgumentTypeError("only hardware=serial,num=1 (COM1) is supported")
+    hardware = options.setdefault("hardware", "serial")
+    if hardware not in ("serial", "virtio-console") or options.get("num", "1") != "1":
+        raise argparse.ArgumentTypeError("hardware must be serial or virtio-console, num=1")
     unknown = set(options) - {"type", "path", "hardware", "num", "console", "stdin"}
     if unknown:
         raise argparse.ArgumentTypeError(f"unknown --serial option {sorted(unknown)[0]}")
     return options
+
+
+def _serials(options: list[dict[str, str]]) -> dict[str, dict[str, str]]:
+    """The --serial options by hardware; each hardware at most once."""
+    by_hardware: dict[str, dict[str, str]] = {}
+    for option in options:
+        if option["hardware"] in by_hardware:
+            raise UserError(f"--serial hardware={option['hardware']} is given twice", status=2)
+        by_hardware[option["hardware"]] = option
+    return by_hardware
+
+
+def _output_path(option: dict[str, str] | None) -> Path | None:
+    """Where a serial port's output goes: None for stdout, else a file (/dev/null for sink)."""
+    if option is None or option["type"] == "stdout":
+        return None
+    return Path("/dev/null") if option["type"] == "sink" else Path(option["path"])
 
 
 def _command(args: argparse.Namespace) -> list[str]:
@@ -62,8 +81,16 @@ def build_parser() -> Parser:
     run.add_argument("-p", "--params", default="", metavar="STR", help="extra kernel command line parameters")
     run.add_argument("-m", "--mem", type=int, default=512, metavar="MiB", help="guest memory (default 512)")
     run.add_argument("-c", "--cpus", type=int, default=1, metavar="N", help="vCPUs (default 1)")
-    run.add_argument("--serial", type=_serial_option, default=None, metavar="type=stdout|file|sink[,path=P][,hardware=serial][,num=1]",
-                     help="where the guest's COM1 goes (crosvm's spelling)")
+    run.add_argument("--serial", type=_serial_option, action="append", default=[],
+                     metavar="type=stdout|file|sink[,path=P][,hardware=serial|virtio-console]",
+                     help="where the guest's COM1 or virtio console (hvc0) goes (crosvm's spelling); repeatable")
+    run.add_argument("--no-rng", action="store_true", help="no virtio-rng device (it is there by default)")
+    run.add_argument("--disable-sandbox", action="store_true",
+                     help="run device children without namespaces or seccomp (debugging only; see docs/sandbox.md)")
+    run.add_argument("--seccomp-log-failures", action="store_true",
+                     help="log a device's forbidden system calls and let them run, instead of stopping the VM")
+    run.add_argument("--seccomp-policy-dir", type=Path, default=None, metavar="DIR",
+                     help="where the devices' .policy files are (default: the project's policies/x86_64)")
     run.add_argument("-s", "--socket", type=Path, metavar="PATH", help="control socket: `sandvmm stop PATH` stops the VM")
     run.add_argument("--kvm-device", default="/dev/kvm", metavar="PATH", help="the KVM device (default /dev/kvm)")
     run.add_argument("-v", "--verbose", action="store_true", help="log boot timing and the VM's end to stderr")
@@ -111,10 +138,17 @@ def run(args: argparse.Namespace) -> int:
         from sandvmm.main.run import RunConfig, run as run_vm
 
         logging.basicConfig(format="sandvmm: %(message)s", level=logging.INFO if args.verbose else logging.WARNING)
-        serial = args.serial or {"type": "stdout"}
-        serial_output = {"stdout": None, "sink": Path("/dev/null")}.get(serial["type"], Path(serial.get("path", "")))
+        from sandvmm.main.devices import POLICY_DIR, SandboxOptions
+
+        serials = _serials(args.serial)
+        sandbox = SandboxOptions(enabled=not args.disable_sandbox, log_failures=args.seccomp_log_failures,
+                                 policy_dir=args.seccomp_policy_dir or POLICY_DIR)
         return run_vm(RunConfig(kernel=args.kernel, initrd=args.initrd, params=args.params, mem_mib=args.mem,
-                                cpus=args.cpus, command=_command(args), serial_output=serial_output,
+                                cpus=args.cpus, command=_command(args),
+                                serial_output=_output_path(serials.get("serial")),
+                                virtio_console=("virtio-console" in serials),
+                                virtio_console_output=_output_path(serials.get("virtio-console")),
+                                rng=not args.no_rng, sandbox=sandbox,
                                 kvm_device=args.kvm_device, control_socket=args.socket))
     if args.subcommand == "stop":
         from sandvmm.main.control import stop_vm

@@ -7,7 +7,7 @@ before vCPUs are created, and CPUID must be set before a vCPU first runs.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -21,8 +21,11 @@ from sandvmm.main.legacy.i8042 import I8042
 from sandvmm.main.legacy.pm import PowerManagement
 from sandvmm.main.legacy.rtc import Rtc
 from sandvmm.main.legacy.serial import Serial
-from sandvmm.memory import GuestMemory, MiB
-from sandvmm.main.pci import CONFIG_ADDRESS_PORT, PciRoot
+from sandvmm.memory import ECAM_BASE, PCI_WINDOW32, GuestMemory, MiB, pci_window64
+from sandvmm.main.device_proxy import DeviceProxy
+from sandvmm.main.devices import DeviceHost, DeviceSpec, SandboxOptions
+from sandvmm.main.interrupts import IrqRouting
+from sandvmm.main.pci import CONFIG_ADDRESS_PORT, Ecam, PciRoot
 from sandvmm.main.vcpu import VcpuThread
 
 TSS_ADDRESS = 0xFFFBD000
@@ -40,6 +43,13 @@ class MachineConfig:
     cmdline: str
     mem_mib: int = 512
     cpus: int = 1
+    devices: list[DeviceSpec] = field(default_factory=list)
+    sandbox: SandboxOptions = field(default_factory=SandboxOptions)
+
+
+def intx_gsi(slot: int) -> int:
+    """The IOAPIC pin of a slot's INTA (the DSDT's _PRT says the same): 16-23, round robin."""
+    return 16 + (slot - 1) % 8
 
 
 @dataclass
@@ -86,8 +96,12 @@ class Machine:
         self.io_bus, self.mmio_bus = Bus("io"), Bus("mmio")
         self.serial = Serial(console_output, lambda: self._pulse_irq(COM1_IRQ))
         self.io_bus.register(COM1_PORT, 8, self.serial)
-        self.pci = PciRoot()
+        window64 = pci_window64(self.memory.size)
+        self.pci = PciRoot(PCI_WINDOW32, window64)
         self.io_bus.register(CONFIG_ADDRESS_PORT, 8, self.pci)
+        self.mmio_bus.register(ECAM_BASE, Ecam.SIZE, self.pci.ecam)
+        for base, size in (PCI_WINDOW32, window64):
+            self.mmio_bus.register(base, size, self.pci.bar_window(base))
         i8042 = I8042(on_reset=lambda: self.end(Outcome("reset", detail="i8042 reset")))
         self.io_bus.register(0x60, 1, i8042.data_port)
         self.io_bus.register(0x64, 1, i8042.command_port)
@@ -100,8 +114,18 @@ class Machine:
         self.io_bus.register(READY_PORT, 1, PortCallback(lambda value: on_ready()))
         self.io_bus.register(PVPANIC_PORT, 1, PortCallback(self._pvpanic, PVPANIC_PANICKED | PVPANIC_CRASH_LOADED))
 
+        # Devices fork now, while main has no threads; a failed start kills those already up.
+        self.devices = DeviceHost(config.sandbox, lambda reason: self.end(Outcome("device", 1, reason)))
+        try:
+            self._launch_devices()
+        except BaseException:
+            self.devices.stop()
+            raise
+
+        dsdt = acpi.pvpanic_device(PVPANIC_PORT) + acpi.pci_host_bridge(
+            PCI_WINDOW32, window64, {slot: intx_gsi(slot) for slot in range(1, 32)})
         tables, rsdp = acpi.build_tables(acpi.AcpiConfig(cpus=config.cpus, pm_base=PM_PORT,
-                                                         dsdt_extra=acpi.pvpanic_device(PVPANIC_PORT)), ACPI_ADDRESS)
+                                                         ecam=(ECAM_BASE, 0, 0), dsdt_extra=dsdt), ACPI_ADDRESS)
         self.memory.write(ACPI_ADDRESS, tables)
         initrd = self._read_initrd()
         entry = load_linux(self.memory, config.kernel, config.cmdline, initrd, rsdp)
@@ -115,6 +139,13 @@ class Machine:
             if index == 0:
                 enter_long_mode(vcpu, entry)  # the others wait for the guest's INIT/SIPI
             self.vcpus.append(VcpuThread(index, vcpu, self.io_bus, self.mmio_bus, self._vcpu_event))
+
+    def _launch_devices(self) -> None:
+        routing = IrqRouting(self.vm)
+        for slot, spec in enumerate(self.config.devices, start=1):
+            proxy = self.devices.launch(spec, self.memory, lambda channels: DeviceProxy(
+                spec.name, self.vm, routing, channels, intx_gsi(slot)))
+            self.pci.add(proxy, slot)
 
     def _read_initrd(self) -> bytes | None:
         if self.config.initrd is None:
@@ -144,6 +175,7 @@ class Machine:
         self._ended.set()
 
     def start(self) -> None:
+        self.devices.start()
         for thread in self.vcpus:
             thread.start()
 
@@ -160,3 +192,4 @@ class Machine:
                 if thread.is_alive():  # still inside a long exit handler: kick again
                     thread.stop()
                     thread.join(timeout=2)
+        self.devices.stop()

@@ -25,6 +25,8 @@ from sandvmm.errors import UserError
 from sandvmm.guest.protocol import READY_MARKER, kernel_command_line
 from sandvmm.main import kvm
 from sandvmm.main.boot import read_kernel
+from sandvmm.fdio import fd_writer
+from sandvmm.main.devices import DeviceSpec, SandboxOptions
 from sandvmm.main.machine import Machine, MachineConfig, Outcome
 from sandvmm.main.vcpu import install_kick_handler
 
@@ -43,6 +45,10 @@ class RunConfig:
     cpus: int = 1
     command: list[str] = field(default_factory=list)
     serial_output: Path | None = None  # None: stdout
+    virtio_console: bool = False
+    virtio_console_output: Path | None = None  # None: stdout
+    rng: bool = True
+    sandbox: SandboxOptions = field(default_factory=SandboxOptions)
     kvm_device: str = "/dev/kvm"
     control_socket: Path | None = None  # crosvm's --socket: `sandvmm stop PATH` stops the VM
 
@@ -131,12 +137,29 @@ class MarkerFilter:
             self.sink(bytes(out))
 
 
-def _writer(fd: int) -> Callable[[bytes], None]:
-    def write(data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-    return write
+def _open_output(path: Path | None, option: str) -> int:
+    if path is None:
+        return sys.stdout.fileno()
+    try:
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+    except OSError as error:
+        raise UserError(f"{option} path={path}: {error.strerror}", status=2) from None
+
+
+def device_specs(config: RunConfig) -> list[DeviceSpec]:
+    """The virtio devices this run asks for, each to run in its own child."""
+    specs = []
+    if config.rng:
+        from sandvmm.devices.rng.backend import host_entropy
+        from sandvmm.devices.rng.core import RngCore
+
+        specs.append(DeviceSpec("rng", RngCore(host_entropy)))
+    if config.virtio_console:
+        from sandvmm.devices.console.core import ConsoleCore
+
+        fd = _open_output(config.virtio_console_output, "--serial hardware=virtio-console")
+        specs.append(DeviceSpec("console", ConsoleCore(fd_writer(fd)), keep_fds=[fd]))
+    return specs
 
 
 def _process_start_time() -> float:
@@ -158,13 +181,7 @@ def run(config: RunConfig) -> int:
     check_kvm(config.kvm_device)
     cmdline = " ".join(filter(None, [kernel_command_line(config.command), config.params]))
 
-    output_fd = sys.stdout.fileno()
-    if config.serial_output is not None:
-        try:
-            output_fd = os.open(config.serial_output, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
-        except OSError as error:
-            raise UserError(f"--serial path={config.serial_output}: {error.strerror}", status=2) from None
-    sink = _writer(output_fd)
+    sink = fd_writer(_open_output(config.serial_output, "--serial"))
     if config.command:
         sink = MarkerFilter(sink).feed
 
@@ -176,8 +193,8 @@ def run(config: RunConfig) -> int:
     install_kick_handler()
     control = _control_socket(config.control_socket) if config.control_socket else None
     try:
-        machine = Machine(MachineConfig(kernel, config.initrd, cmdline, config.mem_mib, config.cpus), sink, on_ready,
-                          config.kvm_device)
+        machine = Machine(MachineConfig(kernel, config.initrd, cmdline, config.mem_mib, config.cpus,
+                                        device_specs(config), config.sandbox), sink, on_ready, config.kvm_device)
         log.info("booting %s: %d vCPU(s), %d MiB", config.kernel, config.cpus, config.mem_mib)
         outcome = _supervise(machine, interactive=not config.command, control=control)
     finally:
@@ -288,7 +305,7 @@ def _exit_status(outcome: Outcome) -> int:
     if outcome.kind == "signal":
         print(f"sandvmm: stopped by {outcome.detail}", file=sys.stderr)
         return outcome.status
-    if outcome.kind == "panic":
+    if outcome.kind in ("panic", "device"):
         print(f"sandvmm: {outcome.detail}", file=sys.stderr)
         return 1
     print(f"sandvmm: the VM stopped: {outcome.detail}", file=sys.stderr)

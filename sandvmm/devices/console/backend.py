@@ -1,0 +1,26 @@
+"""The console's host side: the input it reads (its output sink is sandvmm.fdio.fd_writer)."""
+
+from __future__ import annotations
+
+import os
+
+import trio
+
+from sandvmm.devices.console.core import RECEIVE_QUEUE, ConsoleCore
+
+
+def input_pump(fd: int, core: ConsoleCore):
+    """A backend task feeding host input to the guest; stops at end of input."""
+    async def pump(shell) -> None:
+        while True:
+            await trio.lowlevel.wait_readable(fd)
+            try:
+                data = os.read(fd, 4096)
+            except BlockingIOError:
+                continue
+            if not data:
+                return
+            while not core.feed(data):  # the guest is not reading: wait instead of dropping
+                await trio.sleep(0.05)
+            shell.process(RECEIVE_QUEUE)
+    return pump

@@ -1,0 +1,215 @@
+"""The thin trio loop every virtio device child runs around its sans-I/O cores.
+
+It owns the I/O the cores must not do: the three channels to main, one kick eventfd per
+queue (main has KVM signal it on the guest's notify writes), one irqfd per MSI-X vector plus
+the INTx pair, and the device's own backend tasks. The transport core says what the guest
+did; the device core says which queues got used buffers; this loop turns that into eventfd
+writes and requests to main.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from typing import Awaitable, Callable, Protocol, Sequence
+
+import trio
+
+from sandvmm import protocol
+from sandvmm.devices.virtio import transport as virtio_pci
+from sandvmm.devices.virtio.queue import GuestError, SplitQueue
+from sandvmm.memory import GuestMemory
+
+MSI_WINDOW = 0xFEE00000
+
+
+class DeviceCore(virtio_pci.VirtioDeviceModel, Protocol):
+    """What a device adds to the transport's model: queue processing and its backend."""
+
+    name: str
+
+    def activate(self, features: int, queues: dict[int, SplitQueue]) -> None: ...
+
+    def reset(self) -> None: ...
+
+    def process(self, queue_index: int) -> Sequence[int]:
+        """Handle the queue's available chains; return the queues that got used entries."""
+
+
+BackendTask = Callable[["DeviceShell"], Awaitable[None]]  # host-side work, e.g. reading input
+
+
+def _eventfd() -> int:
+    return os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+
+
+class DeviceShell:
+    def __init__(self, core: DeviceCore, memory: GuestMemory, config_fd: int, irq_fd: int, memory_fd: int,
+                 backend_tasks: Sequence[BackendTask] = ()):
+        self.core = core
+        self.backend_tasks = backend_tasks
+        self.memory = memory
+        self.transport = virtio_pci.VirtioPciTransport(core)
+        self.config, self.irq, self.memory_channel = (
+            trio.socket.from_stdlib_socket(socket.socket(fileno=fd)) for fd in (config_fd, irq_fd, memory_fd))
+        queues = len(core.queue_max_sizes)
+        self.kicks = [_eventfd() for _ in range(queues)]
+        self.vectors = [_eventfd() for _ in range(queues + 1)]
+        self.intx, self.resample = _eventfd(), _eventfd()
+        self.queues: dict[int, SplitQueue] = {}
+
+    # --- the channels ----------------------------------------------------------------------
+    async def _receive(self, sock):
+        data, ancillary, flags, _ = await sock.recvmsg(protocol.MAX_MESSAGE)
+        if not data:
+            raise EOFError("main closed the channel")
+        return protocol.from_msgpack(data)
+
+    async def _send(self, sock, msg, fds: Sequence[int] = ()) -> None:
+        data = protocol.to_msgpack(msg)
+        if fds:
+            await sock.sendmsg([data], [protocol.scm_rights(fds)])
+        else:
+            await sock.send(data)
+
+    async def _call(self, sock, msg, fds: Sequence[int] = ()):
+        await self._send(sock, msg, fds)
+        reply = await self._receive(sock)
+        if isinstance(reply, protocol.Reply) and not reply.ok:
+            raise protocol.ProtocolError(reply.error)
+        return reply
+
+    async def run(self) -> None:
+        request = await self._receive(self.config)
+        if not isinstance(request, protocol.DescribeDevice):
+            raise protocol.ProtocolError(f"expected DescribeDevice, got {type(request).__name__}")
+        bar = [virtio_pci.BAR_INDEX, virtio_pci.BAR_SIZE, 1, 0]
+        await self._send(self.config, protocol.DeviceDescription(self.core.name, [bar]))
+        await self._call(self.irq, protocol.RegisterIrqfds(len(self.vectors)),
+                         self.vectors + [self.intx, self.resample])
+        offsets = [self.transport.notify_offset(index) for index in range(len(self.kicks))]
+        await self._call(self.memory_channel, protocol.RegisterIoevents(virtio_pci.BAR_INDEX, offsets, 2), self.kicks)
+        async with trio.open_nursery() as nursery:
+            for index, fd in enumerate(self.kicks):
+                nursery.start_soon(self._watch_kicks, index, fd)
+            nursery.start_soon(self._watch_resample)
+            for task in self.backend_tasks:
+                nursery.start_soon(task, self)
+            await self._serve_config()
+            nursery.cancel_scope.cancel()
+
+    async def _serve_config(self) -> None:
+        while True:
+            try:
+                request = await self._receive(self.config)
+            except EOFError:
+                return  # main is going away
+            if isinstance(request, protocol.ConfigRead):
+                reply = protocol.Data(self.transport.config_read(request.register, request.size))
+            elif isinstance(request, protocol.BarRead):
+                reply = protocol.Data(self.transport.bar_read(request.bar, request.offset, request.size))
+            elif isinstance(request, protocol.ConfigWrite):
+                await self._apply(self.transport.config_write(request.register, request.data))
+                reply = protocol.Reply(ok=True)
+            elif isinstance(request, protocol.BarWrite):
+                await self._apply(self.transport.bar_write(request.bar, request.offset, request.data))
+                reply = protocol.Reply(ok=True)
+            else:
+                reply = protocol.Reply(ok=False, error=f"unexpected {type(request).__name__}")
+            await self._send(self.config, reply)
+
+    # --- what the transport asks for ---------------------------------------------------------
+    async def _apply(self, effects) -> None:
+        for effect in effects:
+            if isinstance(effect, virtio_pci.MsiRouteChanged):
+                # An entry being rewritten passes through states that are not MSI messages yet.
+                if effect.address & 0xFFF00000 == MSI_WINDOW:
+                    await self._call(self.irq, protocol.SetMsiRoute(effect.vector, effect.address, effect.data))
+            elif isinstance(effect, virtio_pci.FirePending):
+                os.eventfd_write(self.vectors[effect.vector], 1)
+            elif isinstance(effect, virtio_pci.FireIntx):
+                os.eventfd_write(self.intx, 1)
+            elif isinstance(effect, virtio_pci.Activated):
+                self._activate(effect)
+            elif isinstance(effect, virtio_pci.Reset):
+                self.queues = {}
+                self.core.reset()
+            elif isinstance(effect, virtio_pci.QueueNotified):
+                self.process(effect.index)
+
+    def _activate(self, effect) -> None:
+        event_idx = bool(effect.features & (1 << virtio_pci.VIRTIO_F_RING_EVENT_IDX))
+        indirect = bool(effect.features & (1 << virtio_pci.VIRTIO_F_INDIRECT_DESC))
+        try:
+            self.queues = {config.index: SplitQueue(self.memory, config, event_idx=event_idx, indirect=indirect)
+                           for config in effect.queues}
+        except GuestError as error:
+            self.log(f"the driver set up a bad queue: {error}")
+            self.deliver(self.transport.needs_reset())
+            return
+        self.core.activate(effect.features, self.queues)
+        for index in self.queues:
+            self.process(index)  # buffers made available before DRIVER_OK
+
+    # --- the data path -------------------------------------------------------------------------
+    async def _watch_kicks(self, index: int, fd: int) -> None:
+        while True:
+            await trio.lowlevel.wait_readable(fd)
+            try:
+                os.eventfd_read(fd)
+            except BlockingIOError:
+                continue
+            self.process(index)
+
+    async def _watch_resample(self) -> None:
+        # KVM lowered the INTx line at the guest's EOI; raise it again while the ISR says so.
+        while True:
+            await trio.lowlevel.wait_readable(self.resample)
+            try:
+                os.eventfd_read(self.resample)
+            except BlockingIOError:
+                continue
+            if self.transport.isr and not self.transport.msix_enabled:
+                os.eventfd_write(self.intx, 1)
+
+    def process(self, index: int) -> None:
+        """Let the core handle queue `index`, then interrupt for every queue it used."""
+        if index not in self.queues:
+            return
+        try:
+            used = self.core.process(index)
+        except GuestError as error:
+            self.log(f"guest error on queue {index}: {error}; the device needs a reset")
+            self.queues = {}
+            self.deliver(self.transport.needs_reset())
+            return
+        self.interrupt(used)
+
+    def interrupt(self, used: Sequence[int]) -> None:
+        for queue_index in used:
+            queue = self.queues.get(queue_index)
+            if queue is not None and queue.needs_interrupt():
+                self.deliver(self.transport.queue_interrupt(queue_index))
+
+    def deliver(self, delivery) -> None:
+        if isinstance(delivery, virtio_pci.MsiVector):
+            os.eventfd_write(self.vectors[delivery.vector], 1)
+        elif isinstance(delivery, virtio_pci.Intx):
+            os.eventfd_write(self.intx, 1)
+
+    def log(self, message: str) -> None:
+        print(f"sandvmm: device {self.core.name}: {message}", file=sys.stderr, flush=True)
+
+
+def serve(core: DeviceCore, memory: GuestMemory, channel_fds: Sequence[int],
+          backend_tasks: Sequence[BackendTask] = ()) -> int:
+    """A device child's whole life: returns its exit status."""
+    async def main() -> None:
+        await DeviceShell(core, memory, *channel_fds, backend_tasks=backend_tasks).run()
+    try:
+        trio.run(main)
+    except (EOFError, protocol.ProtocolError, OSError) as error:
+        print(f"sandvmm: device {core.name}: {error}", file=sys.stderr, flush=True)
+        return 1
+    return 0

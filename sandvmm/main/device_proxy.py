@@ -1,0 +1,185 @@
+"""Main's side of one device child: a PCI function whose registers live in another process.
+
+The proxy sits on the PCI root like any function. Configuration-space and BAR accesses
+(setup-time traffic: the data path never comes here) become synchronous requests on the
+child's config channel. The child's own requests arrive on its irq and memory channels and
+are served by the supervisor thread through `serve_irq` / `serve_memory`; each channel can
+only ask for what its privilege allows (routes for the child's own vectors; ioeventfds
+inside the child's own BARs).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from dataclasses import dataclass, field
+
+from sandvmm import protocol
+from sandvmm.main import kvm
+from sandvmm.main.interrupts import IrqRouting, RouteError
+from sandvmm.main.pci import BarSpec
+
+
+class DeviceGone(Exception):
+    """The child stopped answering (it died or closed its channel)."""
+
+
+@dataclass
+class Channels:
+    """The three socketpairs of one device; each end is a SOCK_SEQPACKET socket."""
+    config: socket.socket
+    irq: socket.socket
+    memory: socket.socket
+
+    @staticmethod
+    def pairs() -> tuple["Channels", "Channels"]:
+        ends = [socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) for _ in range(3)]
+        return Channels(*(pair[0] for pair in ends)), Channels(*(pair[1] for pair in ends))
+
+    def fds(self) -> list[int]:
+        return [self.config.fileno(), self.irq.fileno(), self.memory.fileno()]
+
+    def close(self) -> None:
+        for sock in (self.config, self.irq, self.memory):
+            sock.close()
+
+
+@dataclass
+class Ioevents:
+    bar: int
+    length: int
+    offsets: list[int]
+    fds: list[int]
+    base: int | None = None  # where they are registered now
+
+
+@dataclass
+class DeviceProxy:
+    name: str
+    vm: kvm.Vm
+    routing: IrqRouting
+    channels: Channels
+    intx_gsi: int
+    bars: list[BarSpec] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    vector_gsis: list[int] = field(default_factory=list)
+    vector_fds: list[int] = field(default_factory=list)
+    routed: set[int] = field(default_factory=set)
+    ioevents: list[Ioevents] = field(default_factory=list)
+    owned_fds: list[int] = field(default_factory=list)
+    on_gone: object = None  # callable(name) -> None, set by the machine
+
+    # --- startup (synchronous, before any vCPU runs) -----------------------------------
+    def start(self) -> None:
+        """The child's description, then its registrations. Raises DeviceGone if it died."""
+        try:
+            description = protocol.call(self.channels.config, protocol.DescribeDevice())
+            if not isinstance(description, protocol.DeviceDescription):
+                raise protocol.ProtocolError(f"unexpected {type(description).__name__}")
+            self.bars = [BarSpec(index, size, bool(is64), bool(prefetch))
+                         for index, size, is64, prefetch in description.bars]
+            self.serve_irq()
+            self.serve_memory()
+        except (OSError, EOFError, ValueError, protocol.ProtocolError) as error:
+            raise DeviceGone(f"device {self.name} failed to start: {error}") from None
+
+    # --- requests from the child ---------------------------------------------------------
+    def serve_irq(self) -> None:
+        """Answer one request on the irq channel."""
+        msg, fds = protocol.receive(self.channels.irq)
+        try:
+            self._irq_request(msg, fds)
+            reply = protocol.Reply(ok=True)
+        except (RouteError, kvm.KvmError, ValueError) as error:
+            reply = protocol.Reply(ok=False, error=str(error))
+        protocol.send(self.channels.irq, reply)
+
+    def _irq_request(self, msg, fds: list[int]) -> None:
+        self.owned_fds += fds
+        if isinstance(msg, protocol.RegisterIrqfds):
+            if self.vector_fds or len(fds) != msg.vectors + 2 or not 0 < msg.vectors <= 2048:
+                raise ValueError("bad interrupt registration")
+            self.vector_fds, (intx, resample) = fds[:-2], fds[-2:]
+            self.vector_gsis = self.routing.allocate(msg.vectors)
+            self.vm.irqfd(intx, self.intx_gsi, resample_fd=resample)
+        elif isinstance(msg, protocol.SetMsiRoute):
+            if not 0 <= msg.vector < len(self.vector_gsis) or fds:
+                raise ValueError(f"no vector {msg.vector}")
+            gsi = self.vector_gsis[msg.vector]
+            self.routing.set_msi(gsi, msg.address, msg.data)
+            if gsi not in self.routed:  # irqfd only once a route exists: no stray injections
+                self.vm.irqfd(self.vector_fds[msg.vector], gsi)
+                self.routed.add(gsi)
+        else:
+            raise ValueError(f"{type(msg).__name__} is not an irq-channel request")
+
+    def serve_memory(self) -> None:
+        msg, fds = protocol.receive(self.channels.memory)
+        self.owned_fds += fds
+        ok, error = True, ""
+        sizes = {spec.index: spec.size for spec in self.bars}
+        if (isinstance(msg, protocol.RegisterIoevents) and len(fds) == len(msg.offsets)
+                and msg.length in (1, 2, 4, 8) and msg.bar in sizes
+                and all(isinstance(o, int) and 0 <= o <= sizes[msg.bar] - msg.length for o in msg.offsets)):
+            with self.lock:
+                self.ioevents.append(Ioevents(msg.bar, msg.length, list(msg.offsets), fds))
+        else:
+            ok, error = False, f"bad memory-channel request {type(msg).__name__}"
+        protocol.send(self.channels.memory, protocol.Reply(ok=ok, error=error))
+
+    # --- PciFunction ---------------------------------------------------------------------
+    def _call(self, msg) -> bytes:
+        with self.lock:
+            try:
+                reply = protocol.call(self.channels.config, msg)
+            except (OSError, EOFError, protocol.ProtocolError) as error:
+                if callable(self.on_gone):
+                    self.on_gone(self.name, str(error))
+                raise DeviceGone(str(error)) from None
+        return reply.data if isinstance(reply, protocol.Data) else b""
+
+    def _read(self, msg, size: int) -> bytes:
+        try:
+            return self._call(msg)[:size].ljust(size, b"\xff")
+        except DeviceGone:
+            return b"\xff" * size
+
+    def _write(self, msg) -> None:
+        try:
+            self._call(msg)
+        except DeviceGone:
+            pass
+
+    def config_read(self, register: int, size: int) -> bytes:
+        return self._read(protocol.ConfigRead(register, size), size)
+
+    def config_write(self, register: int, data: bytes) -> None:
+        self._write(protocol.ConfigWrite(register, bytes(data)))
+
+    def bar_read(self, index: int, offset: int, size: int) -> bytes:
+        return self._read(protocol.BarRead(index, offset, size), size)
+
+    def bar_write(self, index: int, offset: int, data: bytes) -> None:
+        self._write(protocol.BarWrite(index, offset, bytes(data)))
+
+    def bar_mapped(self, index: int, base: int | None) -> None:
+        """Move this BAR's ioeventfds with it, so queue kicks keep bypassing main."""
+        for group in self.ioevents:
+            if group.bar != index:
+                continue
+            for offset, fd in zip(group.offsets, group.fds):
+                if group.base is not None:
+                    self.vm.ioeventfd(fd, group.base + offset, group.length, deassign=True)
+                if base is not None:
+                    self.vm.ioeventfd(fd, base + offset, group.length)
+            group.base = base
+
+    def close(self) -> None:
+        self.channels.close()
+        for fd in self.owned_fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.owned_fds = []
