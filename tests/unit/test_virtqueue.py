@@ -2,6 +2,7 @@
 ordering and notification rules the driver relies on, and property tests."""
 
 import ctypes
+import struct
 import sys
 
 import pytest
@@ -25,6 +26,7 @@ from sandvmm.memory import GiB, MiB, GuestMemory
 RAM_SIZE = 4 * MiB
 SMALL_RAM_SIZE = 256 * 1024  # for the garbage test, which snapshots RAM at every step
 SCRATCH = 0x200000  # free RAM for hand-written buffers and tables, away from the driver's arena
+EXTRA = 0x10000  # in the garbage test: more descriptors, where indirect tables can point
 
 
 @pytest.fixture(scope="module")
@@ -56,25 +58,19 @@ def make(memory, size=8, *, event_idx=False, indirect=True, start=0):
     return driver, queue
 
 
-class _PyBuffer(ctypes.Structure):
-    _fields_ = [("buf", ctypes.c_void_p), ("obj", ctypes.c_void_p), ("len", ctypes.c_ssize_t),
-                ("itemsize", ctypes.c_ssize_t), ("readonly", ctypes.c_int), ("ndim", ctypes.c_int),
-                ("format", ctypes.c_char_p), ("shape", ctypes.c_void_p),
-                ("strides", ctypes.c_void_p), ("suboffsets", ctypes.c_void_p),
-                ("internal", ctypes.c_void_p)]
-
-
-ctypes.pythonapi.PyObject_GetBuffer.argtypes = [ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int]
-ctypes.pythonapi.PyBuffer_Release.argtypes = [ctypes.POINTER(_PyBuffer)]
+_python = ctypes.PyDLL(None)  # our own handle: argtypes set here stay here
+_python.PyObject_GetBuffer.argtypes = [ctypes.py_object, ctypes.c_void_p, ctypes.c_int]
+_python.PyBuffer_Release.argtypes = [ctypes.c_void_p]
 
 
 def host_address(view) -> int:
-    buffer = _PyBuffer()
-    ctypes.pythonapi.PyObject_GetBuffer(view, ctypes.byref(buffer), 0)
+    """Where a buffer's bytes are: Py_buffer.buf, its first field."""
+    py_buffer = (ctypes.c_char * 128)()  # larger than a Py_buffer
+    _python.PyObject_GetBuffer(view, py_buffer, 0)
     try:
-        return buffer.buf or 0
+        return ctypes.c_void_p.from_buffer(py_buffer).value or 0
     finally:
-        ctypes.pythonapi.PyBuffer_Release(ctypes.byref(buffer))
+        _python.PyBuffer_Release(py_buffer)
 
 
 def guest_range(memory, view) -> tuple[int, int]:
@@ -186,6 +182,8 @@ def test_views_window_a_range_of_the_chain(ram):
     assert [bytes(v) for v in chain.readable_views(3)] == [b"defg"]
     assert [len(v) for v in chain.writable_views(0, 5)] == [2, 2, 1]
     assert chain.writable_views(6) == []
+    with pytest.raises(ValueError):  # a device bug: negative offsets would index from the end
+        chain.write(b"x", offset=-1)
 
 
 def test_indirect_chain(ram):
@@ -321,10 +319,7 @@ class LenientMemory:
     """A memory that only looks at the low address bits: the queue must not rely on it."""
 
     def __init__(self, memory):
-        self.inner = memory
-
-    def slice(self, address, length):
-        return self.inner.slice(address % RAM_SIZE, length)
+        self.slice = lambda address, length: memory.slice(address % RAM_SIZE, length)
 
 
 @pytest.mark.parametrize("flags", [0, INDIRECT])
@@ -350,12 +345,6 @@ def test_available_idx_too_far_ahead_breaks_the_ring(ram, start):
     assert queue.has_available()
 
 
-def test_add_used_refuses_a_head_outside_the_queue(ram):
-    driver, queue = make(ram, 8)
-    with pytest.raises(ValueError):
-        queue.add_used(8, 0)
-
-
 def test_add_used_stores_the_element_before_the_idx(ram):
     driver, queue = make(ram)
     head = driver.add_chain(writable=[4])
@@ -373,6 +362,8 @@ def test_add_used_stores_the_element_before_the_idx(ram):
         sys.setprofile(None)
     assert stores == [USED_ELEMENT, U16]  # the element, then the idx that publishes it
     assert driver.used() == [(head, 3)]
+    with pytest.raises(ValueError):  # a device bug, not the guest's
+        queue.add_used(8, 0)
 
 
 def test_indexes_wrap_around(ram):
@@ -509,7 +500,7 @@ def test_valid_chains_come_out_exactly_as_offered(shared_memory, size, start, ev
 
 
 class Bad(Exception):
-    pass
+    """The reference says: this chain breaks a rule."""
 
 
 def reference_chain(ram: bytes, descriptor_table: int, size: int, head: int, indirect: bool):
@@ -525,16 +516,15 @@ def reference_chain(ram: bytes, descriptor_table: int, size: int, head: int, ind
                 raise Bad
             address, length, flags, next_index = DESCRIPTOR.unpack_from(ram, table + 16 * index)
             if flags & INDIRECT:
-                if nested or not indirect or flags & NEXT or not in_ram(address, length):
-                    raise Bad
-                if length == 0 or length % 16 or length // 16 > size:
+                if (nested or not indirect or flags & NEXT or not in_ram(address, length)
+                        or length == 0 or length % 16 or length // 16 > size):
                     raise Bad
                 return follow(address, length // 16, 0, True)
             writable = bool(flags & WRITE)
             if not in_ram(address, length) or (buffers and buffers[-1][2] and not writable):
                 raise Bad
             buffers.append((address, length, writable))
-            if len(buffers) > size:
+            if len(buffers) > size:  # also what ends loops
                 raise Bad
             if not flags & NEXT:
                 return
@@ -544,41 +534,39 @@ def reference_chain(ram: bytes, descriptor_table: int, size: int, head: int, ind
     return buffers
 
 
-EXTRA = 0x10000
-
-
-def descriptor_bytes(size):
-    """Raw bytes, or (mostly) fields biased towards what can pass: small addresses and indexes."""
-    address = mostly(st.one_of(st.integers(0, 0x20000), st.sampled_from(range(EXTRA, EXTRA + 256, 16)),
-                               st.integers(SMALL_RAM_SIZE - 64, SMALL_RAM_SIZE + 64)),
-                     st.integers(0, 2**64 - 1))
-    length = st.sampled_from([0, 16, 32, 48, 64, 128]) | st.integers(0, 64)
-    fields = st.tuples(address, mostly(length, st.integers(0, 2**32 - 1)),
-                       mostly(st.integers(0, 7), st.integers(0, 0xFFFF)),
-                       mostly(st.integers(0, size), st.integers(0, 0xFFFF)))
-    return mostly(fields.map(lambda f: DESCRIPTOR.pack(*f)), st.binary(min_size=16, max_size=16))
-
-
-def mostly(likely, anything):
-    """`likely` nine times in ten (st.one_of does not weigh its branches evenly)."""
-    return st.integers(0, 9).flatmap(lambda k: anything if k == 0 else likely)
+def tame(selector: int, raw: bytes, size: int) -> bytes:
+    """Raw descriptor bytes one time in eight, else fields bent towards what can pass (drawing
+    bytes and bending them is much faster than composing integer strategies)."""
+    if selector & 7 == 0:
+        return raw
+    address, length, flags, next_index = DESCRIPTOR.unpack(raw)
+    small, table, end = address % 0x20000, EXTRA + 16 * (address % 16), SMALL_RAM_SIZE - 64 + address % 128
+    address = (small, small, small, small, table, table, end, address)[selector >> 3 & 7]
+    length = length % 65 if selector & 64 else 16 * (length % 9)
+    if selector & 0xC0 != 0xC0:
+        flags, next_index = flags & 7, next_index % (size + 1)
+    return DESCRIPTOR.pack(address, length, flags, next_index)
 
 
 @st.composite
 def garbage_queues(draw):
     size = draw(st.sampled_from([1, 2, 4, 8]))
-    table = b"".join(draw(st.lists(descriptor_bytes(size), min_size=size, max_size=size)))
     # Indirect tables have to be somewhere: more descriptors at EXTRA, where addresses point.
-    extra = b"".join(draw(st.lists(descriptor_bytes(size), max_size=16)))
-    idx = draw(mostly(st.integers(1, size), st.integers(0, 0xFFFF)))
-    ring = draw(st.lists(mostly(st.integers(0, size - 1), st.integers(0, 0xFFFF)),
-                         min_size=size, max_size=size))
-    avail = U16.pack(draw(st.integers(0, 3))) + U16.pack(idx) + b"".join(map(U16.pack, ring)) + U16.pack(
-        draw(st.integers(0, 0xFFFF)))
-    return size, table, extra, avail, draw(st.booleans()), draw(st.booleans())
+    count = size + draw(st.integers(0, 16))
+    raw = draw(st.binary(min_size=17 * count, max_size=17 * count))
+    descriptors = [tame(raw[i], raw[i + 1:i + 17], size) for i in range(0, 17 * count, 17)]
+    flags, idx, used_event, *ring = struct.unpack(f"<3H{size}H", draw(st.binary(min_size=6 + 2 * size,
+                                                                                 max_size=6 + 2 * size)))
+    selector = draw(st.integers(0, 63))
+    if selector & 7:  # mostly a sane count of new entries and heads inside the queue
+        idx = 1 + idx % size
+        ring = [head % size if selector & 0x38 else head for head in ring]
+    avail = struct.pack(f"<{size + 3}H", flags & 3, idx, *ring, used_event)
+    indirect, event_idx = draw(st.booleans()), draw(st.booleans())
+    return size, b"".join(descriptors[:size]), b"".join(descriptors[size:]), avail, indirect, event_idx
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=800, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(garbage_queues())
 def test_garbage_rings_only_raise_guest_errors_and_stay_in_ram(small_memory, queue_bytes):
     size, table, extra, avail, indirect, event_idx = queue_bytes

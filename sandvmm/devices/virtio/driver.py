@@ -112,8 +112,8 @@ class FakeDriver:
         """Offer a chain: `readable` buffers (bytes) then `writable` ones (sizes). Returns its head.
 
         With `indirect`, the buffers go in an indirect table behind one ring descriptor.
-        With publish=False the chain is in the ring but the avail idx is not yet moved
-        (see `publish()`), to offer several chains at once.
+        With publish=False the chain is in the ring but the avail idx is not yet moved:
+        `publish()` then offers everything added so far and says whether to kick.
         """
         readable = [bytes(data) for data in readable]
         writable = [int(length) for length in writable]

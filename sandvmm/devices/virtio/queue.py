@@ -156,6 +156,8 @@ class Chain:
             count = min(total, len(target))
             target[:count] = source[:count]
             return count
+        if offset < 0:
+            raise ValueError(f"negative offset {offset}")
         written = 0
         for view in writable:
             length = len(view)
@@ -181,6 +183,8 @@ class Chain:
 
 def _window(views: list[memoryview], offset: int, length: int | None) -> list[memoryview]:
     """The parts of a scatter list that cover [offset, offset+length)."""
+    if offset < 0:
+        raise ValueError(f"negative offset {offset}")
     result = []
     remaining = -1 if length is None else length
     for view in views:
@@ -321,7 +325,7 @@ class SplitQueue:
             address, length, flags, next_index = _unpack_descriptor(table, index << 4)
             if flags & VIRTQ_DESC_F_INDIRECT:
                 # Must be the chain's last direct descriptor; its WRITE flag means nothing.
-                if in_indirect:
+                if in_indirect:  # also what bounds the walk: table pointers cost no budget
                     raise GuestError(f"chain {head}: nested indirect table", head)
                 if not self.indirect:
                     raise GuestError(f"chain {head}: indirect descriptor, but INDIRECT_DESC "
