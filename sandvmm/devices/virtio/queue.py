@@ -399,7 +399,7 @@ class SplitQueue:
 
         Without EVENT_IDX this is the used ring's VIRTQ_USED_F_NO_NOTIFY flag; with it,
         enabling sets avail_event to our position, so the next buffer kicks (disabling
-        leaves avail_event behind, which has the same effect as the flag).
+        leaves avail_event behind: no kicks until the driver's idx wraps round to it).
 
         Race: buffers published while notifications were off came with no kick. After
         enabling, call `pop()`/`has_available()` again before waiting for a kick.
