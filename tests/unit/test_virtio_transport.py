@@ -137,8 +137,7 @@ def msix_capability_init(guest):
 
 
 def expected_activation(features=OFFERED, sizes=(256, 64)):
-    return vp.Activated(features, tuple(vp.QueueConfig(index, size, *RINGS[index])
-                                        for index, size in enumerate(sizes)))
+    return vp.Activated(features, {index: vp.QueueConfig(size, *RINGS[index]) for index, size in enumerate(sizes)})
 
 
 def probed(msix=True):
@@ -254,7 +253,7 @@ def test_features_freeze_at_features_ok_and_nothing_runs_before_driver_ok():
     assert guest.read(vp.DRIVER_FEATURE) == guest.read(vp.DEVICE_FEATURE) == 0
     guest.write(vp.QUEUE_ENABLE, 1, 2)
     assert transport.queue_interrupt(0) is None and transport.isr == 0
-    assert guest.add_status(vp.DRIVER_OK) == [vp.Activated(VERSION_1, (vp.QueueConfig(0, 256, 0, 0, 0),))]
+    assert guest.add_status(vp.DRIVER_OK) == [vp.Activated(VERSION_1, {0: vp.QueueConfig(256, 0, 0, 0)})]
     assert transport.queue_interrupt(0) == vp.Intx()
 
 
@@ -586,8 +585,8 @@ def check_effect(effect, transport, activated):
     if isinstance(effect, vp.Activated):
         assert not activated, "a second activation without a reset"
         assert effect.features & ~OFFERED == 0 and effect.features & VERSION_1
-        for queue in effect.queues:
-            assert queue.size & (queue.size - 1) == 0 and 0 < queue.size <= MAX_SIZES[queue.index]
+        for index, queue in effect.queues.items():
+            assert queue.size & (queue.size - 1) == 0 and 0 < queue.size <= MAX_SIZES[index]
         return True
     if isinstance(effect, vp.Reset):
         return False

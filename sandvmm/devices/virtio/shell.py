@@ -142,8 +142,8 @@ class DeviceShell:
         event_idx = bool(effect.features & (1 << virtio_pci.VIRTIO_F_RING_EVENT_IDX))
         indirect = bool(effect.features & (1 << virtio_pci.VIRTIO_F_INDIRECT_DESC))
         try:
-            self.queues = {config.index: SplitQueue(self.memory, config, event_idx=event_idx, indirect=indirect)
-                           for config in effect.queues}
+            self.queues = {index: SplitQueue(self.memory, config, event_idx=event_idx, indirect=indirect)
+                           for index, config in effect.queues.items()}
         except GuestError as error:
             self.log(f"the driver set up a bad queue: {error}")
             self.deliver(self.transport.needs_reset())
@@ -170,7 +170,7 @@ class DeviceShell:
                 os.eventfd_read(self.resample)
             except BlockingIOError:
                 continue
-            if self.transport.isr and not self.transport.msix_enabled:
+            if self.transport.intx_asserted:
                 os.eventfd_write(self.intx, 1)
 
     def process(self, index: int) -> None:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from sandvmm.devices.virtio.msix import ENTRY_SIZE, MsixTable, padded_slice
+from sandvmm.devices.virtio.queue import QueueConfig
 
 # --- BAR0 layout --------------------------------------------------------------------------
 BAR_INDEX = 0
@@ -104,21 +105,12 @@ class VirtioDeviceModel(Protocol):
     def config_write(self, offset: int, data: bytes) -> None: ...
 
 
-@dataclass(frozen=True)
-class QueueConfig:
-    index: int
-    size: int
-    descriptor_table: int  # guest-physical addresses
-    driver_area: int
-    device_area: int
-
-
 # --- effects: returned by config_write / bar_write, for the shell to act on ----------------
 @dataclass(frozen=True)
 class Activated:
     """The driver set DRIVER_OK after FEATURES_OK: start the queues (enabled ones only)."""
     features: int
-    queues: tuple[QueueConfig, ...]
+    queues: dict[int, QueueConfig]  # queue index -> its rings
 
 
 @dataclass(frozen=True)
@@ -568,8 +560,8 @@ class VirtioPciTransport:
             new &= ~DRIVER_OK  # no negotiated features, nothing to run
         self._status |= new
         if new & DRIVER_OK:
-            queues = tuple(QueueConfig(index, queue.size, *queue.addresses)
-                           for index, queue in enumerate(self._queues) if queue.enabled)
+            queues = {index: QueueConfig(queue.size, *queue.addresses)
+                      for index, queue in enumerate(self._queues) if queue.enabled}
             return [Activated(self._driver_features, queues)]
         return []
 
