@@ -33,9 +33,13 @@ def _serial_option(text: str) -> dict[str, str]:
     hardware = options.setdefault("hardware", "serial")
     if hardware not in ("serial", "virtio-console") or options.get("num", "1") != "1":
         raise argparse.ArgumentTypeError("hardware must be serial or virtio-console, num=1")
-    unknown = set(options) - {"type", "path", "hardware", "num", "console", "stdin"}
+    unknown = set(options) - {"type", "path", "hardware", "num", "stdin"}
     if unknown:
         raise argparse.ArgumentTypeError(f"unknown --serial option {sorted(unknown)[0]}")
+    if options.get("stdin", "false") not in ("true", "false"):
+        raise argparse.ArgumentTypeError("stdin must be true or false")
+    if options.get("stdin") == "true" and hardware == "serial":
+        raise argparse.ArgumentTypeError("stdin=true is for hardware=virtio-console (COM1 reads stdin when no command is given)")
     return options
 
 
@@ -82,7 +86,7 @@ def build_parser() -> Parser:
     run.add_argument("-m", "--mem", type=int, default=512, metavar="MiB", help="guest memory (default 512)")
     run.add_argument("-c", "--cpus", type=int, default=1, metavar="N", help="vCPUs (default 1)")
     run.add_argument("--serial", type=_serial_option, action="append", default=[],
-                     metavar="type=stdout|file|sink[,path=P][,hardware=serial|virtio-console]",
+                     metavar="type=stdout|file|sink[,path=P][,hardware=serial|virtio-console][,stdin=true]",
                      help="where the guest's COM1 or virtio console (hvc0) goes (crosvm's spelling); repeatable")
     run.add_argument("--no-rng", action="store_true", help="no virtio-rng device (it is there by default)")
     run.add_argument("--disable-sandbox", action="store_true",
@@ -148,6 +152,7 @@ def run(args: argparse.Namespace) -> int:
                                 serial_output=_output_path(serials.get("serial")),
                                 virtio_console=("virtio-console" in serials),
                                 virtio_console_output=_output_path(serials.get("virtio-console")),
+                                virtio_console_stdin=serials.get("virtio-console", {}).get("stdin") == "true",
                                 rng=not args.no_rng, sandbox=sandbox,
                                 kvm_device=args.kvm_device, control_socket=args.socket))
     if args.subcommand == "stop":

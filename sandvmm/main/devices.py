@@ -84,6 +84,15 @@ def _wait_status(pid: int) -> str:
     return f"it exited with status {os.WEXITSTATUS(status)}"
 
 
+def check_policy(sandbox: SandboxOptions, device: str) -> Path:
+    """The device's policy file, or a usage error saying it is missing."""
+    policy = sandbox.policy_dir / f"{device}.policy"
+    if not policy.is_file():
+        raise UserError(f"no seccomp policy for device {device}: {policy} is missing",
+                        hint="use --seccomp-policy-dir DIR, or --disable-sandbox to debug", status=2)
+    return policy
+
+
 @dataclass
 class Device:
     spec: DeviceSpec
@@ -122,10 +131,7 @@ class DeviceHost:
         if not self.sandbox.enabled:
             return ForkedProcess(target, keep)
         import jail  # only when jailing: --disable-sandbox works even without pyseccomp
-        policy = self.sandbox.policy_dir / f"{spec.name}.policy"
-        if not policy.is_file():
-            raise UserError(f"no seccomp policy for device {spec.name}: {policy} is missing",
-                            hint="use --seccomp-policy-dir DIR, or --disable-sandbox to debug", status=2)
+        policy = check_policy(self.sandbox, spec.name)
         config = jail.JailConfig(name=f"sandvmm-{spec.name}", policy=policy, violation_action="notify", keep_fds=keep)
         try:
             return jail.spawn(config, target)

@@ -26,7 +26,7 @@ from sandvmm.guest.protocol import READY_MARKER, kernel_command_line
 from sandvmm.main import kvm
 from sandvmm.main.boot import read_kernel
 from sandvmm.fdio import fd_writer
-from sandvmm.main.devices import DeviceSpec, SandboxOptions
+from sandvmm.main.devices import DeviceSpec, SandboxOptions, check_policy
 from sandvmm.main.machine import Machine, MachineConfig, Outcome
 from sandvmm.main.vcpu import install_kick_handler
 
@@ -47,6 +47,7 @@ class RunConfig:
     serial_output: Path | None = None  # None: stdout
     virtio_console: bool = False
     virtio_console_output: Path | None = None  # None: stdout
+    virtio_console_stdin: bool = False  # stdin feeds hvc0 instead of COM1
     rng: bool = True
     sandbox: SandboxOptions = field(default_factory=SandboxOptions)
     kvm_device: str = "/dev/kvm"
@@ -68,6 +69,13 @@ def check_config(config: RunConfig) -> None:
     for name, path in (("--kernel", config.kernel), ("--initrd", config.initrd)):
         if path is not None and not path.is_file():
             raise UserError(f"{name} {path}: no such file", status=2)
+
+
+def check_sandbox(config: RunConfig) -> None:
+    if config.sandbox.enabled:
+        for device, wanted in (("rng", config.rng), ("console", config.virtio_console)):
+            if wanted:
+                check_policy(config.sandbox, device)
 
 
 def check_kvm(device: str) -> None:
@@ -157,8 +165,15 @@ def device_specs(config: RunConfig) -> list[DeviceSpec]:
     if config.virtio_console:
         from sandvmm.devices.console.core import ConsoleCore
 
+        from sandvmm.devices.console.backend import input_pump
+
         fd = _open_output(config.virtio_console_output, "--serial hardware=virtio-console")
-        specs.append(DeviceSpec("console", ConsoleCore(fd_writer(fd)), keep_fds=[fd]))
+        core = ConsoleCore(fd_writer(fd))
+        if config.virtio_console_stdin:
+            stdin = sys.stdin.fileno()
+            specs.append(DeviceSpec("console", core, keep_fds=[fd, stdin], backend_tasks=[input_pump(stdin, core)]))
+        else:
+            specs.append(DeviceSpec("console", core, keep_fds=[fd]))
     return specs
 
 
@@ -171,6 +186,7 @@ def _process_start_time() -> float:
 
 def run(config: RunConfig) -> int:
     check_config(config)
+    check_sandbox(config)
     if config.kernel is None:
         from sandvmm.image.build import ensure_image
 
@@ -196,7 +212,8 @@ def run(config: RunConfig) -> int:
         machine = Machine(MachineConfig(kernel, config.initrd, cmdline, config.mem_mib, config.cpus,
                                         device_specs(config), config.sandbox), sink, on_ready, config.kvm_device)
         log.info("booting %s: %d vCPU(s), %d MiB", config.kernel, config.cpus, config.mem_mib)
-        outcome = _supervise(machine, interactive=not config.command, control=control)
+        interactive = not config.command and not config.virtio_console_stdin
+        outcome = _supervise(machine, interactive=interactive, control=control)
     finally:
         if control is not None:
             control.close()

@@ -58,6 +58,14 @@ def test_hvc0_writes_reach_the_host_sink(tmp_path):
     assert sink.read_text().splitlines() == ["hello-from-hvc0", "second line"]
 
 
+def test_stdin_true_feeds_hvc0(tmp_path):
+    sink = tmp_path / "hvc0.txt"
+    result = sandvmm("run", "--serial", f"type=file,path={sink},hardware=virtio-console,stdin=true", "--",
+                     "sh", "-c", "head -n 1 /dev/hvc0 | tr a-z A-Z > /dev/hvc0", input="hello from the host\n")
+    assert result.returncode == 0, describe(result)
+    assert "HELLO FROM THE HOST" in sink.read_text()  # (the tty also echoes the input itself)
+
+
 def test_msi_x_off_falls_back_to_intx():
     result = sandvmm("run", "--params", "pci=nomsi", "--", "sh", "-c",
                      "dd if=/dev/hwrng bs=4096 count=16 2>/dev/null | wc -c; grep -c virtio /proc/interrupts")

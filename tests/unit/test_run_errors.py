@@ -38,10 +38,20 @@ def test_kvm_device_not_accessible(tmp_path):
     assert "cannot open" in error and "kvm group" in error
 
 
-def test_bad_serial_option():
-    result = sandvmm("run", "--serial", "type=telnet", "--", "true")
+@pytest.mark.parametrize("options, says", [
+    (["--serial", "type=telnet"], "type=telnet"),
+    (["--serial", "hardware=virtio-gpu"], "hardware"),
+    (["--serial", "type=file"], "path="),
+    (["--serial", "stdin=maybe,hardware=virtio-console"], "stdin"),
+    (["--serial", "stdin=true"], "virtio-console"),
+    (["--serial", "hardware=virtio-console", "--serial", "hardware=virtio-console,type=sink"], "twice"),
+    (["--seccomp-policy-dir", "/nonexistent", "--no-rng", "--serial", "hardware=virtio-console"], "no seccomp policy"),
+])
+def test_bad_serial_and_sandbox_options(options, says):
+    result = sandvmm("run", *options, "--", "true")
+    error = one_line_error(result)
+    assert says in error
     assert result.returncode == 2
-    one_line_error(result)
 
 
 def test_a_host_with_emulated_kvm_is_pointed_to_the_lab():

@@ -1,4 +1,4 @@
-"""The console's host side: the input it reads (its output sink is sandvmm.fdio.fd_writer)."""
+"""The console's host side: the input it reads, with `stdin=true` (output goes through sandvmm.fdio.fd_writer)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,13 @@ from sandvmm.devices.console.core import RECEIVE_QUEUE, ConsoleCore
 def input_pump(fd: int, core: ConsoleCore):
     """A backend task feeding host input to the guest; stops at end of input."""
     async def pump(shell) -> None:
+        pollable = True
         while True:
-            await trio.lowlevel.wait_readable(fd)
+            if pollable:
+                try:
+                    await trio.lowlevel.wait_readable(fd)
+                except OSError:  # a regular file (stdin < file) cannot be polled: always readable
+                    pollable = False
             try:
                 data = os.read(fd, 4096)
             except BlockingIOError:
