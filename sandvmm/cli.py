@@ -60,6 +60,42 @@ def _output_path(option: dict[str, str] | None) -> Path | None:
     return Path("/dev/null") if option["type"] == "sink" else Path(option["path"])
 
 
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def _block_option(text: str) -> dict:
+    """crosvm's --block PATH[,ro][,root][,sparse=BOOL][,id=SERIAL][,direct=BOOL] (path= works too)."""
+    items = [item for item in text.split(",") if item]
+    options: dict = {"ro": False, "root": False, "sparse": True, "id": "", "direct": False}
+    if items and "=" not in items[0] and items[0] not in ("ro", "root"):
+        options["path"] = items.pop(0)
+    for item in items:
+        key, has_value, value = item.partition("=")
+        if key in ("path", "id"):
+            options[key] = value
+        elif key in ("ro", "root", "sparse", "direct"):
+            if has_value and value.lower() not in _TRUE + _FALSE:
+                raise argparse.ArgumentTypeError(f"{key}={value}: give true or false")
+            options[key] = not has_value or value.lower() in _TRUE
+        else:
+            raise argparse.ArgumentTypeError(f"unknown --block option {key}")
+    if not options.get("path"):
+        raise argparse.ArgumentTypeError("--block needs a path")
+    if len(options["id"].encode()) > 20:
+        raise argparse.ArgumentTypeError("id= is at most 20 bytes (virtio-blk's serial)")
+    options["path"] = Path(options["path"])
+    return options
+
+
+def _size(text: str) -> int:
+    """A size in bytes, with an optional K, M, G or T suffix (powers of 1024)."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    number, unit = text.rstrip("KMGTkmgt"), text[len(text.rstrip("KMGTkmgt")):].upper()
+    if not number.isdigit() or unit not in units:
+        raise argparse.ArgumentTypeError(f"{text} is not a size (e.g. 10G, 512M, 1048576)")
+    return int(number) * units[unit]
+
+
 def _command(args: argparse.Namespace) -> list[str]:
     command = list(args.command)
     return command[1:] if command[:1] == ["--"] else command
@@ -88,6 +124,9 @@ def build_parser() -> Parser:
     run.add_argument("--serial", type=_serial_option, action="append", default=[],
                      metavar="type=stdout|file|sink[,path=P][,hardware=serial|virtio-console][,stdin=true]",
                      help="where the guest's COM1 or virtio console (hvc0) goes (crosvm's spelling); repeatable")
+    run.add_argument("--block", type=_block_option, action="append", default=[],
+                     metavar="PATH[,ro][,root][,sparse=BOOL][,id=SERIAL][,direct=BOOL]",
+                     help="a virtio-blk disk (raw file, block device or qcow2); repeatable: vda, vdb, ...")
     run.add_argument("--no-rng", action="store_true", help="no virtio-rng device (it is there by default)")
     run.add_argument("--disable-sandbox", action="store_true",
                      help="run device children without namespaces or seccomp (debugging only; see docs/sandbox.md)")
@@ -99,6 +138,12 @@ def build_parser() -> Parser:
     run.add_argument("--kvm-device", default="/dev/kvm", metavar="PATH", help="the KVM device (default /dev/kvm)")
     run.add_argument("-v", "--verbose", action="store_true", help="log boot timing and the VM's end to stderr")
     run.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ARGS")
+
+    create = commands.add_parser("create-qcow2", help="create a qcow2 image (crosvm's create_qcow2)")
+    create.add_argument("--backing-file", metavar="B", help="the image reads through to B where it has no data")
+    create.add_argument("path", type=Path, metavar="PATH")
+    create.add_argument("size", type=_size, nargs="?", metavar="SIZE",
+                        help="virtual size, e.g. 10G (default: the backing file's)")
 
     stop = commands.add_parser("stop", help="stop the VM listening on a control socket (sandvmm run --socket)")
     stop.add_argument("socket", type=Path, metavar="PATH")
@@ -153,8 +198,13 @@ def run(args: argparse.Namespace) -> int:
                                 virtio_console=("virtio-console" in serials),
                                 virtio_console_output=_output_path(serials.get("virtio-console")),
                                 virtio_console_stdin=serials.get("virtio-console", {}).get("stdin") == "true",
-                                rng=not args.no_rng, sandbox=sandbox,
+                                rng=not args.no_rng, sandbox=sandbox, blocks=args.block,
                                 kvm_device=args.kvm_device, control_socket=args.socket))
+    if args.subcommand == "create-qcow2":
+        from sandvmm.main.block import create_qcow2_command
+
+        create_qcow2_command(args.path, args.size, args.backing_file)
+        return 0
     if args.subcommand == "stop":
         from sandvmm.main.control import stop_vm
 

@@ -29,10 +29,15 @@ POLICY_DIR = Path(__file__).resolve().parents[2] / "policies" / "x86_64"
 
 @dataclass
 class DeviceSpec:
-    name: str  # also the policy file's name: policies/x86_64/<name>.policy
+    name: str  # for messages and the process name: rng, console, vda...
     core: shell.DeviceCore
-    keep_fds: Sequence[int] = ()  # host fds its backend uses (a sink, an input)
+    keep_fds: Sequence[int] = ()  # host fds its backend uses (a sink, an input, disk images)
     backend_tasks: Sequence[shell.BackendTask] = ()
+    policy: str = ""  # policies/x86_64/<policy>.policy; the name when empty
+
+    @property
+    def policy_name(self) -> str:
+        return self.policy or self.name
 
 
 @dataclass
@@ -131,7 +136,7 @@ class DeviceHost:
         if not self.sandbox.enabled:
             return ForkedProcess(target, keep)
         import jail  # only when jailing: --disable-sandbox works even without pyseccomp
-        policy = check_policy(self.sandbox, spec.name)
+        policy = check_policy(self.sandbox, spec.policy_name)
         config = jail.JailConfig(name=f"sandvmm-{spec.name}", policy=policy, violation_action="notify", keep_fds=keep)
         try:
             return jail.spawn(config, target)

@@ -26,6 +26,7 @@ from sandvmm.guest.protocol import READY_MARKER, kernel_command_line
 from sandvmm.main import kvm
 from sandvmm.main.boot import read_kernel
 from sandvmm.fdio import fd_writer
+from sandvmm.main.block import block_specs, root_parameter
 from sandvmm.main.devices import DeviceSpec, SandboxOptions, check_policy
 from sandvmm.main.machine import Machine, MachineConfig, Outcome
 from sandvmm.main.vcpu import install_kick_handler
@@ -49,6 +50,7 @@ class RunConfig:
     virtio_console_output: Path | None = None  # None: stdout
     virtio_console_stdin: bool = False  # stdin feeds hvc0 instead of COM1
     rng: bool = True
+    blocks: list[dict] = field(default_factory=list)  # parsed --block options, in vda, vdb... order
     sandbox: SandboxOptions = field(default_factory=SandboxOptions)
     kvm_device: str = "/dev/kvm"
     control_socket: Path | None = None  # crosvm's --socket: `sandvmm stop PATH` stops the VM
@@ -73,7 +75,7 @@ def check_config(config: RunConfig) -> None:
 
 def check_sandbox(config: RunConfig) -> None:
     if config.sandbox.enabled:
-        for device, wanted in (("rng", config.rng), ("console", config.virtio_console)):
+        for device, wanted in (("rng", config.rng), ("console", config.virtio_console), ("block", config.blocks)):
             if wanted:
                 check_policy(config.sandbox, device)
 
@@ -156,7 +158,7 @@ def _open_output(path: Path | None, option: str) -> int:
 
 def device_specs(config: RunConfig) -> list[DeviceSpec]:
     """The virtio devices this run asks for, each to run in its own child."""
-    specs = []
+    specs = block_specs(config.blocks)
     if config.rng:
         from sandvmm.devices.rng.backend import host_entropy
         from sandvmm.devices.rng.core import RngCore
@@ -194,8 +196,10 @@ def run(config: RunConfig) -> int:
         config.kernel = image.kernel
         config.initrd = config.initrd or image.initrd
     kernel = read_kernel(config.kernel)
+    devices = device_specs(config)  # opens and locks disk images: their errors come before KVM's
     check_kvm(config.kvm_device)
-    cmdline = " ".join(filter(None, [kernel_command_line(config.command), config.params]))
+    cmdline = " ".join(filter(None, [kernel_command_line(config.command), root_parameter(config.blocks),
+                                     config.params]))
 
     sink = fd_writer(_open_output(config.serial_output, "--serial"))
     if config.command:
@@ -210,7 +214,7 @@ def run(config: RunConfig) -> int:
     control = _control_socket(config.control_socket) if config.control_socket else None
     try:
         machine = Machine(MachineConfig(kernel, config.initrd, cmdline, config.mem_mib, config.cpus,
-                                        device_specs(config), config.sandbox), sink, on_ready, config.kvm_device)
+                                        devices, config.sandbox), sink, on_ready, config.kvm_device)
         log.info("booting %s: %d vCPU(s), %d MiB", config.kernel, config.cpus, config.mem_mib)
         interactive = not config.command and not config.virtio_console_stdin
         outcome = _supervise(machine, interactive=interactive, control=control)

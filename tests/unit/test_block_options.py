@@ -1,0 +1,51 @@
+"""--block parsing and the disk names and root= it implies (no KVM, no images needed)."""
+
+from pathlib import Path
+
+import pytest
+
+from sandvmm.cli import build_parser
+from sandvmm.errors import UserError
+from sandvmm.main.block import disk_name, root_parameter
+from tests.helpers import one_line_error, sandvmm
+
+
+def blocks(*options):
+    args = build_parser().parse_args(["run", *[item for option in options for item in ("--block", option)]])
+    return args.block
+
+
+def test_crosvm_spelling_with_bare_flags_and_values():
+    (block,) = blocks("/images/disk.qcow2,ro,root,sparse=false,id=serial-1,direct=false")
+    assert block == {"path": Path("/images/disk.qcow2"), "ro": True, "root": True, "sparse": False,
+                     "id": "serial-1", "direct": False}
+    (block,) = blocks("path=disk.img,ro=false")
+    assert block["path"] == Path("disk.img") and block["ro"] is False and block["sparse"] is True
+
+
+def test_disk_names_follow_linux():
+    assert [disk_name(i) for i in (0, 1, 25, 26, 27, 701, 702)] == ["vda", "vdb", "vdz", "vdaa", "vdab", "vdzz", "vdaaa"]
+
+
+def test_root_names_the_disk_and_its_mode():
+    assert root_parameter(blocks("a.img", "b.img,root")) == "root=/dev/vdb rw"
+    assert root_parameter(blocks("a.img,root,ro")) == "root=/dev/vda ro"
+    assert root_parameter(blocks("a.img")) == ""
+    with pytest.raises(UserError):
+        root_parameter(blocks("a.img,root", "b.img,root"))
+
+
+@pytest.mark.parametrize("option, says", [
+    ("", "path"), ("ro", "path"), ("disk.img,color=blue", "color"), ("disk.img,ro=maybe", "ro=maybe"),
+    ("disk.img,id=" + "x" * 21, "20 bytes"),
+])
+def test_bad_block_options_are_one_line_usage_errors(option, says):
+    result = sandvmm("run", "--block", option, "--", "true")
+    assert result.returncode == 2
+    assert says in one_line_error(result)
+
+
+def test_a_missing_image_is_refused_before_boot(tmp_path):
+    result = sandvmm("run", "--block", str(tmp_path / "missing.img"), "--", "true")
+    assert result.returncode == 2
+    assert "missing.img" in one_line_error(result)
