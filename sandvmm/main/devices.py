@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 
 from sandvmm.devices.virtio import shell
 from sandvmm.errors import UserError
-from sandvmm.main.device_proxy import Channels, DeviceProxy
+from sandvmm.main.device_proxy import Channels, DeviceGone, DeviceProxy
 from sandvmm.memory import GuestMemory
 
 POLICY_DIR = Path(__file__).resolve().parents[2] / "policies" / "x86_64"
@@ -129,7 +129,10 @@ class DeviceHost:
         proxy.on_gone = lambda name, why: self._gone(name)
         device = Device(spec, process, proxy)
         self.devices.append(device)
-        proxy.start()
+        try:
+            proxy.start()
+        except DeviceGone as error:
+            raise UserError(str(error), hint="--disable-sandbox shows a device's traceback") from None
         return proxy
 
     def _spawn(self, spec: DeviceSpec, keep: list[int], target: Callable[[], int]):
