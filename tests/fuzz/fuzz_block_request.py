@@ -1,0 +1,262 @@
+"""Fuzz the virtio-blk device core (sandvmm/devices/block/core.py) with atheris.
+
+    python3 tests/fuzz/fuzz_block_request.py [libFuzzer flags] CORPUS_DIR [SEED_DIR...]
+    python3 tests/fuzz/fuzz_block_request.py --make-corpus   # (re)writes corpus/block_request/
+
+Each input is one guest's request queue: its ring, descriptor table and a data area where
+buffers (headers, data, discard segments, indirect tables) live. The harness negotiates
+the features the input asks for and lets BlockCore.process drain the queue over a small
+in-memory disk. A GuestError without a head (a broken ring) is the guest's fault and
+fine; any other exception, or a broken invariant, is a finding:
+  - every used entry names a popped chain, and its length fits that chain's writable part;
+  - an entry with a length has a status (OK, IOERR or UNSUPP) in the chain's last writable byte;
+  - nothing outside the popped chains' writable buffers (and the used ring) changed;
+  - the disk is only called inside its size, and never to write when read-only.
+
+Input layout (little-endian; missing bytes read as zero, so any byte string is an input):
+  u8   options: bits 0-2 log2(queue size) (capped at 4), bit 3 EVENT_IDX, bit 4 INDIRECT_DESC,
+       bit 5 read-only disk, bit 6 discard off (crosvm's sparse=false), bit 7 the driver
+       takes none of the device's own features (no DISCARD/WRITE_ZEROES negotiated)
+  u16  avail idx (the ring starts at 0, so this is how many chains are published, raw)
+  u16  ring[size], then 16*size bytes of descriptor table
+  the rest: the data area at DATA_ADDRESS (at most DATA_SIZE bytes)
+"""
+
+import ctypes
+import pathlib
+import sys
+
+import atheris
+
+with atheris.instrument_imports(include=["sandvmm.devices.block.core", "sandvmm.devices.virtio"]):
+    from sandvmm.devices.block.core import HEADER, SEGMENT, BlockCore
+    from sandvmm.devices.virtio.device import RING_FEATURES
+    from sandvmm.devices.virtio.queue import (
+        GuestError,
+        QueueConfig,
+        SplitQueue,
+        descriptor_table_size,
+        device_area_size,
+        driver_area_size,
+    )
+
+from sandvmm.memory import GuestMemory
+
+RAM_SIZE = 0x10000  # small, so that addresses the fuzzer makes up often land in RAM
+DESCRIPTOR_TABLE = 0x1000  # FakeDriver(address=0x1000)'s layout
+DATA_ADDRESS = 0x2000
+DATA_SIZE = 0x3000
+MAX_LOG2_SIZE = 4
+DISK_SECTORS = 64
+CORPUS = pathlib.Path(__file__).resolve().parent / "corpus" / "block_request"
+
+memory = GuestMemory(RAM_SIZE, name="fuzz-block")  # one memfd for every run: creating one is slow
+ZERO = bytes(RAM_SIZE)
+DISK_PATTERN = bytes(range(256)) * (DISK_SECTORS * 512 // 256)
+MEMORY_BASE = ctypes.addressof(ctypes.c_char.from_buffer(memory.view))
+
+
+class CheckedDisk:
+    """A bytearray disk that asserts every call stays inside it."""
+
+    def __init__(self, read_only: bool):
+        self.size = len(DISK_PATTERN)
+        self.read_only = read_only
+        self.data = bytearray(DISK_PATTERN)
+
+    def _check(self, offset: int, length: int, writes: bool) -> None:
+        assert 0 <= offset and 0 <= length and offset + length <= self.size, (offset, length)
+        assert not (writes and self.read_only), "a write reached a read-only disk"
+
+    def read_into(self, offset, buffers):
+        self._check(offset, sum(map(len, buffers)), False)
+        for buffer in buffers:
+            buffer[:] = self.data[offset:offset + len(buffer)]
+            offset += len(buffer)
+
+    def write_from(self, offset, buffers):
+        self._check(offset, sum(map(len, buffers)), True)
+        for buffer in buffers:
+            self.data[offset:offset + len(buffer)] = buffer
+            offset += len(buffer)
+
+    def flush(self):
+        pass
+
+    def discard(self, offset, length):
+        self._check(offset, length, True)
+        self.data[offset:offset + length] = bytes(length)
+
+    def write_zeroes(self, offset, length, unmap):
+        self.discard(offset, length)
+
+
+def fixed_layout(size: int) -> QueueConfig:
+    driver_area = DESCRIPTOR_TABLE + descriptor_table_size(size)
+    device_area = (driver_area + driver_area_size(size) + 3) & ~3
+    return QueueConfig(size, DESCRIPTOR_TABLE, driver_area, device_area)
+
+
+def run(data: bytes) -> dict:
+    """Play one input. Returns counts of the statuses (for the corpus check and for curiosity)."""
+    provider = atheris.FuzzedDataProvider(data)
+    options = provider.ConsumeUInt(1)
+    size = 1 << min(options & 7, MAX_LOG2_SIZE)
+    config = fixed_layout(size)
+    published = provider.ConsumeUInt(2)
+    ring = provider.ConsumeBytes(2 * size).ljust(2 * size, b"\0")
+    table = provider.ConsumeBytes(descriptor_table_size(size))
+    memory.view[:] = ZERO
+    memory.view[config.driver_area + 2:config.driver_area + 4 + 2 * size] = published.to_bytes(2, "little") + ring
+    memory.view[DESCRIPTOR_TABLE:DESCRIPTOR_TABLE + len(table)] = table
+    area = provider.ConsumeBytes(DATA_SIZE)
+    memory.view[DATA_ADDRESS:DATA_ADDRESS + len(area)] = area
+
+    disk = CheckedDisk(read_only=bool(options & 32))
+    core = BlockCore(disk, serial="fuzz", discard=not options & 64, queue_size=1 << MAX_LOG2_SIZE)
+    features = RING_FEATURES if options & 128 else core.features
+    queue = SplitQueue(memory, config, event_idx=bool(options & 8), indirect=bool(options & 16))
+    core.activate(features, {0: queue})
+
+    counts = {"ok": 0, "ioerr": 0, "unsupp": 0, "no status": 0, "bad chains": 0, "ring errors": 0}
+    popped = []  # (head, writable views or None for a malformed chain), in pop order
+    completed = 0
+    pop, add_used = queue.pop, queue.add_used
+
+    def recording_pop():
+        try:
+            chain = pop()
+        except GuestError as error:
+            if error.head is not None:
+                popped.append((error.head, None))
+            raise
+        if chain is not None:
+            popped.append((chain.head, chain.writable))
+        return chain
+
+    def checking_add_used(head, length):
+        # Checked as each chain completes: later chains' buffers may overlap this one's.
+        nonlocal completed
+        expected_head, writable = popped[completed]
+        completed += 1
+        assert head == expected_head, "chains completed out of order"
+        if writable is None:
+            assert length == 0
+            counts["bad chains"] += 1
+        elif not sum(map(len, writable)):
+            assert length == 0
+            counts["no status"] += 1
+        else:
+            assert 1 <= length <= sum(map(len, writable)), length
+            status = next(view for view in reversed(writable) if len(view))[-1]
+            assert status in (0, 1, 2), f"status {status}"
+            counts[("ok", "ioerr", "unsupp")[status]] += 1
+        add_used(head, length)
+
+    queue.pop, queue.add_used = recording_pop, checking_add_used
+    before = bytes(memory.view)
+    try:
+        core.process(0)
+    except GuestError as error:
+        assert error.head is None, "a chain error escaped the core"
+        counts["ring errors"] += 1
+    assert completed == len(popped), "a popped chain was never completed"
+    after = bytes(memory.view)
+    expected = bytearray(before)  # unchanged except where the device may write
+    device_area = config.device_area
+    expected[device_area:device_area + device_area_size(size)] = after[device_area:device_area + device_area_size(size)]
+    for _, writable in popped:
+        for view in writable or ():
+            if len(view):
+                start = ctypes.addressof(ctypes.c_char.from_buffer(view)) - MEMORY_BASE
+                expected[start:start + len(view)] = after[start:start + len(view)]
+    assert expected == after, "the device wrote outside the offered buffers"
+    return counts
+
+
+def TestOneInput(data: bytes) -> None:
+    run(data)
+
+
+# ---- the seed corpus -----------------------------------------------------------------------
+
+def seeds():
+    """(name, input, counts it must produce): requests a well-behaved driver makes, and a few bad ones."""
+    from sandvmm.devices.virtio.driver import FakeDriver
+
+    def snapshot(driver, options: int) -> bytes:
+        size = driver.config.size
+        avail = memory.read(driver.config.driver_area + 2, 2 + 2 * size)
+        area = memory.read(DATA_ADDRESS, DATA_SIZE).rstrip(b"\0")
+        return (bytes([options | (size.bit_length() - 1)]) + avail
+                + memory.read(DESCRIPTOR_TABLE, 16 * size) + area)
+
+    def new_driver(size=16):
+        memory.view[:] = ZERO
+        driver = FakeDriver(memory, size, address=DESCRIPTOR_TABLE, data_size=DATA_SIZE)
+        assert driver.config == fixed_layout(size) and driver.data_address == DATA_ADDRESS
+        return driver
+
+    def header(request_type, sector=0):
+        return HEADER.pack(request_type, sector)
+
+    driver = new_driver()
+    driver.add_chain(readable=[header(1, 2), bytes(range(256)) * 4], writable=[1])
+    driver.add_chain(readable=[header(0, 2)], writable=[512, 512, 1])
+    driver.add_chain(readable=[header(4)], writable=[1])
+    yield "write-read-flush", snapshot(driver, 0), {"ok": 3}
+
+    driver = new_driver()
+    driver.add_chain(readable=[header(0, 8)], writable=[100, 412, 1], indirect=True)
+    driver.add_chain(readable=[header(1, 9)[:5], header(1, 9)[5:] + bytes(512)], writable=[1], indirect=True)
+    yield "indirect-and-split-header", snapshot(driver, 16), {"ok": 2}
+
+    driver = new_driver()
+    driver.add_chain(readable=[header(11), SEGMENT.pack(0, 8, 0) + SEGMENT.pack(16, 8, 0)], writable=[1])
+    driver.add_chain(readable=[header(13), SEGMENT.pack(4, 2, 1)], writable=[1])
+    driver.add_chain(readable=[header(11), SEGMENT.pack(4, 2, 1)], writable=[1])  # unmap on discard
+    yield "discard-write-zeroes", snapshot(driver, 0), {"ok": 2, "unsupp": 1}
+
+    driver = new_driver()
+    driver.add_chain(readable=[header(8)], writable=[20, 1])
+    driver.add_chain(readable=[header(10)], writable=[16, 1])  # GET_LIFETIME: not offered
+    driver.add_chain(readable=[header(0, DISK_SECTORS)], writable=[512, 1])  # past the end
+    driver.add_chain(readable=[header(1, 0), bytes(512)])  # no status byte
+    yield "get-id-and-errors", snapshot(driver, 0), {"ok": 1, "unsupp": 1, "ioerr": 1, "no status": 1}
+
+    driver = new_driver(8)
+    driver.add_chain(readable=[header(1, 0), bytes(512)], writable=[1])
+    driver.add_chain(readable=[header(0, 0)], writable=[512, 1])
+    yield "read-only", snapshot(driver, 32), {"ok": 1, "ioerr": 1}
+
+
+    driver = new_driver(8)
+    (bad,) = driver.reserve(1)
+    driver.write_descriptor(bad, 0xFFFF_0000, 16)  # not guest RAM: a malformed chain, then a good one
+    driver.offer(bad)
+    driver.add_chain(readable=[header(0, 1)], writable=[512, 1])
+    yield "bad-chain-then-good", snapshot(driver, 0), {"bad chains": 1, "ok": 1}
+
+
+def make_corpus() -> None:
+    CORPUS.mkdir(parents=True, exist_ok=True)  # other files there (merged finds) are kept
+    for name, data, expected in seeds():
+        counts = run(data)
+        assert all(counts[key] == value for key, value in expected.items()), (name, counts)
+        (CORPUS / name).write_bytes(data)
+        print(f"{name}: {len(data)} bytes, {counts}")
+
+
+def main() -> None:
+    if sys.argv[1:] == ["--make-corpus"]:
+        make_corpus()
+        return
+    argv = list(sys.argv)
+    if not any(arg.startswith("-max_len=") for arg in argv):
+        argv.append(f"-max_len={8 + 18 * 16 + DATA_SIZE}")  # a 16-entry queue and its whole data area
+    atheris.Setup(argv, TestOneInput)
+    atheris.Fuzz()
+
+
+if __name__ == "__main__":
+    main()
