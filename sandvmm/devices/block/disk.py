@@ -1,0 +1,288 @@
+"""What a virtio-blk backend reads and writes: the Disk interface, positional I/O on an fd
+(FileIO), and RawDisk, a raw image file or block device.
+
+Every Disk works on fds opened by main (images.py): the jailed device child has no
+open/openat. A Disk holds only fds and plain state, so it keeps working in a forked child.
+Disks are not thread-safe: one call at a time.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+import stat
+import struct
+from typing import Protocol, Sequence
+
+IOV_MAX = os.sysconf("SC_IOV_MAX")
+DIRECT_ALIGNMENT = 4096  # O_DIRECT wants the logical block size; 4 KiB covers 512 B and 4Kn devices
+ZEROS = bytes(2 << 20)  # as large as the largest qcow2 cluster
+QCOW2_MAGIC = b"QFI\xfb"
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+BLKDISCARD = 0x1277
+BLKZEROOUT = 0x127F
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+class DiskError(Exception):
+    """A host I/O error, or a corrupt image found at run time: the request fails with IOERR."""
+
+
+class ImageError(Exception):
+    """An image that cannot be opened as asked (one line, naming the file)."""
+
+
+class Disk(Protocol):
+    size: int  # virtual size in bytes
+    read_only: bool
+
+    def read_into(self, offset: int, buffers: Sequence[memoryview]) -> None: ...
+    def write_from(self, offset: int, buffers: Sequence[memoryview]) -> None: ...
+    def flush(self) -> None: ...
+    def discard(self, offset: int, length: int) -> None: ...
+    def write_zeroes(self, offset: int, length: int, unmap: bool) -> None: ...
+    def close(self) -> None: ...
+
+
+def total_length(views: Sequence[memoryview]) -> int:
+    return sum(view.nbytes for view in views)
+
+
+def fill_zeros(views: Sequence[memoryview]) -> None:
+    for view in views:
+        for start in range(0, view.nbytes, len(ZEROS)):
+            chunk = view[start:start + len(ZEROS)]
+            chunk[:] = ZEROS[:chunk.nbytes]
+
+
+def advance(views: list[memoryview], count: int) -> list[memoryview]:
+    """The views left after skipping the first `count` bytes."""
+    index = 0
+    while count and index < len(views):
+        length = views[index].nbytes
+        if count < length:
+            return [views[index][count:], *views[index + 1:]]
+        count -= length
+        index += 1
+    return views[index:]
+
+
+def byte_views(buffers: Sequence) -> list[memoryview]:
+    """Flat unsigned-byte views, which is what slicing by byte offsets needs."""
+    return [memoryview(buffer).cast("B") for buffer in buffers]
+
+
+def _aligned(view: memoryview) -> bool:
+    if view.nbytes % DIRECT_ALIGNMENT:
+        return False
+    if not view.nbytes:
+        return True
+    try:
+        address = ctypes.addressof(ctypes.c_char.from_buffer(view))
+    except TypeError:  # read-only memory: we cannot learn its address, so take the safe path
+        return False
+    return address % DIRECT_ALIGNMENT == 0
+
+
+class FileIO:
+    """Positional I/O on one fd, straight into and out of the caller's memory.
+
+    Short transfers continue (Python itself retries on EINTR, PEP 475); reads past the end
+    of the file fill zeros, as a sparse or truncated image would read. With O_DIRECT, a
+    transfer whose offset, length or memory is not 4 KiB aligned goes through the page
+    cache for that call (O_DIRECT toggled off with F_SETFL: the kernel keeps the two
+    coherent), instead of failing with EINVAL.
+    """
+
+    def __init__(self, fd: int, *, name: str = "") -> None:
+        self.fd = fd
+        self.name = name or f"fd {fd}"
+        self.direct = bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)
+        self.unsynced = False  # written since the last sync()
+
+    def _error(self, what: str, error: OSError) -> DiskError:
+        return DiskError(f"{self.name}: {what} failed: {os.strerror(error.errno) if error.errno else error}")
+
+    def _buffered(self, offset: int, views: Sequence[memoryview]) -> bool:
+        return self.direct and (offset % DIRECT_ALIGNMENT != 0 or not all(_aligned(view) for view in views))
+
+    def _transfer(self, call, offset: int, views: list[memoryview], reading: bool) -> None:
+        if not self._buffered(offset, views):
+            return self._loop(call, offset, views, reading)
+        flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
+        fcntl.fcntl(self.fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+        try:
+            self._loop(call, offset, views, reading)
+        finally:
+            fcntl.fcntl(self.fd, fcntl.F_SETFL, flags)
+
+    def _loop(self, call, offset: int, views: list[memoryview], reading: bool) -> None:
+        views = [view for view in views if view.nbytes]
+        while views:
+            done = call(self.fd, views[:IOV_MAX], offset)
+            if done == 0:
+                if reading:  # end of file: the rest reads as zeros
+                    return fill_zeros(views)
+                raise DiskError(f"{self.name}: write at {offset} made no progress")
+            offset += done
+            views = advance(views, done)
+
+    def read_into(self, offset: int, views: Sequence[memoryview]) -> None:
+        try:
+            self._transfer(os.preadv, offset, list(views), True)
+        except OSError as error:
+            raise self._error(f"read at {offset}", error) from None
+        except OverflowError:  # an offset from a corrupt table, beyond what a file can have
+            raise DiskError(f"{self.name}: read at {offset} is beyond any file's end") from None
+
+    def write_from(self, offset: int, views: Sequence[memoryview]) -> None:
+        self.unsynced = True
+        try:
+            self._transfer(os.pwritev, offset, list(views), False)
+        except OSError as error:
+            raise self._error(f"write at {offset}", error) from None
+        except OverflowError:
+            raise DiskError(f"{self.name}: write at {offset} is beyond any file's end") from None
+
+    def read(self, offset: int, length: int) -> bytearray:
+        data = bytearray(length)
+        self.read_into(offset, [memoryview(data)])
+        return data
+
+    def write(self, offset: int, data) -> None:
+        self.write_from(offset, [memoryview(data).cast("B")])
+
+    def sync(self) -> None:
+        try:
+            os.fdatasync(self.fd)
+        except OSError as error:
+            raise self._error("fdatasync", error) from None
+        self.unsynced = False
+
+    def size(self) -> int:
+        try:
+            info = os.fstat(self.fd)
+            if stat.S_ISBLK(info.st_mode):
+                return os.lseek(self.fd, 0, os.SEEK_END)
+            return info.st_size
+        except OSError as error:
+            raise self._error("fstat", error) from None
+
+    def fallocate(self, mode: int, offset: int, length: int) -> bool:
+        """True when done; False when this file system or file cannot (the caller writes zeros)."""
+        if _libc.fallocate(self.fd, mode, offset, length) == 0:
+            self.unsynced = True
+            return True
+        code = ctypes.get_errno()
+        if code in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENODEV, errno.EPERM):
+            return False
+        raise self._error(f"fallocate at {offset}", OSError(code, os.strerror(code)))
+
+    def write_zero_range(self, offset: int, length: int) -> None:
+        while length:
+            chunk = min(length, len(ZEROS))
+            self.write(offset, memoryview(ZEROS)[:chunk])
+            offset += chunk
+            length -= chunk
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class RawDisk:
+    """A raw image: guest offset = file offset. `fd` is a regular file or a block device.
+
+    guard_format: the format was guessed from the contents (no one said "raw"), so refuse
+    guest writes that would put a qcow2 header at offset 0: next time the file would be
+    opened as qcow2, with a backing file of the guest's choosing (any host file).
+    """
+
+    def __init__(self, fd: int, read_only: bool, *, name: str = "", guard_format: bool = False) -> None:
+        self.io = FileIO(fd, name=name)
+        self.read_only = read_only
+        self.guard_format = guard_format
+        try:
+            self.block_device = stat.S_ISBLK(os.fstat(fd).st_mode)
+        except OSError as error:
+            raise ImageError(f"{self.io.name}: {os.strerror(error.errno)}") from None
+        try:
+            self.size = self.io.size()
+        except DiskError as error:
+            raise ImageError(str(error)) from None
+
+    @property
+    def fd(self) -> int:
+        return self.io.fd
+
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise DiskError(f"{self.io.name} is read-only")
+
+    def read_into(self, offset: int, buffers: Sequence[memoryview]) -> None:
+        self.io.read_into(offset, byte_views(buffers))
+
+    def write_from(self, offset: int, buffers: Sequence[memoryview]) -> None:
+        self._check_writable()
+        views = byte_views(buffers)
+        if self.guard_format and offset < len(QCOW2_MAGIC):
+            head = bytearray(self.io.read(0, len(QCOW2_MAGIC)))
+            new = bytearray()
+            for view in views:
+                if len(new) >= len(QCOW2_MAGIC) - offset:
+                    break
+                new += view[:len(QCOW2_MAGIC)]
+            new = new[:len(QCOW2_MAGIC) - offset]
+            head[offset:offset + len(new)] = new
+            if bytes(head) == QCOW2_MAGIC:
+                raise DiskError(f"{self.io.name}: refused a write of a qcow2 header to a raw image whose"
+                                " format was probed (name the format to allow it)")
+        self.io.write_from(offset, views)
+
+    def flush(self) -> None:
+        if not self.read_only:
+            self.io.sync()
+
+    def discard(self, offset: int, length: int) -> None:
+        self._check_writable()
+        if self.block_device:
+            if not self._block_ioctl(BLKDISCARD, offset, length):
+                self._zero(offset, length)
+        elif not self.io.fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length):
+            self._zero(offset, length)
+
+    def write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
+        self._check_writable()
+        if self.block_device:
+            if not self._block_ioctl(BLKZEROOUT, offset, length):
+                self._zero(offset, length)
+            return
+        if unmap and self.io.fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length):
+            return
+        if self.io.fallocate(FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length):
+            return
+        self._zero(offset, length)
+
+    def _zero(self, offset: int, length: int) -> None:
+        self.io.write_zero_range(offset, min(length, max(0, self.size - offset)))
+
+    def _block_ioctl(self, request: int, offset: int, length: int) -> bool:
+        try:
+            fcntl.ioctl(self.io.fd, request, struct.pack("QQ", offset, length))
+        except OSError as error:
+            if error.errno in (errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL):
+                return False
+            raise self.io._error(f"discard at {offset}", error) from None
+        self.io.unsynced = True
+        return True
+
+    def close(self) -> None:
+        self.io.close()
