@@ -29,12 +29,13 @@ from sandvmm.errors import UserError
 from sandvmm.image.apt import Package, PrivateApt, progress
 from sandvmm.image.cpio import CpioWriter
 
-BUILDER_VERSION = 2  # bump when the image layout or an init script changes
+BUILDER_VERSION = 3  # bump when the image layout or an init script changes
 
 GUEST_MODULES = (
     "virtio_blk", "virtio_net", "virtio_rng", "virtio_input", "virtio_balloon",
     "vmw_vsock_virtio_transport", "virtio_gpu", "virtio_snd", "ext4", "9pnet_virtio", "9p",
     "pvpanic_mmio",  # tells the VMM about a kernel panic (ACPI device QEMU0001)
+    "crc32c_generic",  # ext4 asks the crypto API for crc32c at mount time, not through a module dependency
 )
 LAB_MODULES = ("kvm_amd", "9pnet_virtio", "9p", "overlay", "tun", "ext4")
 # Documentation is of no use in a guest and is most of some packages' size.

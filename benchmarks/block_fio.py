@@ -1,0 +1,92 @@
+"""Block benchmark: fio in the guest on a virtio-blk disk, sandvmm against QEMU on the same image.
+
+The guest image needs fio, built on the host first (the lab has no network):
+
+    sandvmm image build --with fio
+    sandvmm lab -- python3 benchmarks/block_fio.py
+
+Each job runs with sandvmm, then with QEMU (q35, virtio-blk-pci, the same raw image file,
+host page cache in both), and the table gives MB/s and IOPS side by side with the ratio.
+Inside the lab only the ratios mean anything (docs/lab.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+
+from sandvmm.image.build import ensure_image
+from sandvmm.lab.peer import PeerConfig, qemu_command
+
+JOBS = {
+    "4k randread QD32": "--rw=randread --bs=4k --iodepth=32",
+    "4k randwrite QD32": "--rw=randwrite --bs=4k --iodepth=32",
+    "1M seq read": "--rw=read --bs=1M --iodepth=4",
+    "1M seq write": "--rw=write --bs=1M --iodepth=4",
+}
+# fio --minimal (terse v3): read bandwidth KiB/s and IOPS are fields 7 and 8, write 48 and 49.
+READ_BW, READ_IOPS, WRITE_BW, WRITE_IOPS = 6, 7, 47, 48
+
+
+def fio_script(options: str, seconds: int) -> str:
+    return (f"fio --name=job --filename=/dev/vda --direct=1 --ioengine=libaio --time_based "
+            f"--runtime={seconds} --size=256M {options} --minimal")
+
+
+def parse(output: str) -> tuple[float, float] | None:
+    """(MB/s, IOPS) of the one fio job in the console output."""
+    for line in output.splitlines():
+        fields = line.strip().split(";")
+        if len(fields) > WRITE_IOPS and fields[0] == "3":
+            read_bw, write_bw = float(fields[READ_BW]), float(fields[WRITE_BW])
+            if read_bw >= write_bw:
+                return read_bw * 1024 / 1e6, float(fields[READ_IOPS])
+            return write_bw * 1024 / 1e6, float(fields[WRITE_IOPS])
+    return None
+
+
+def run_sandvmm(kernel: str, initrd: str, disk: str, script: str) -> str:
+    command = [sys.executable, "-m", "sandvmm", "run", "--mem", "1024", "--kernel", kernel, "--initrd", initrd,
+               "--block", disk, "--", "sh", "-c", script]
+    return subprocess.run(command, capture_output=True, text=True, timeout=900).stdout
+
+
+def run_qemu(kernel: str, initrd: str, disk: str, script: str) -> str:
+    command = qemu_command(PeerConfig(["sh", "-c", script], machine="q35", mem_mib=1024), kernel, initrd)
+    command += ["-drive", f"file={disk},if=none,id=disk0,format=raw", "-device", "virtio-blk-pci,drive=disk0"]
+    return subprocess.run(command, capture_output=True, text=True, timeout=900).stdout
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=int, default=10, help="fio runtime per job")
+    args = parser.parse_args()
+    image = ensure_image(["fio"])
+    rows = []
+    with tempfile.TemporaryDirectory() as directory:
+        disk = os.path.join(directory, "disk.img")
+        with open(disk, "wb") as file:
+            file.truncate(512 << 20)
+        # Written once so reads hit allocated blocks in both VMMs.
+        subprocess.run(["dd", "if=/dev/urandom", f"of={disk}", "bs=1M", "count=300", "conv=notrunc"],
+                       check=True, capture_output=True)
+        for name, options in JOBS.items():
+            script = fio_script(options, args.seconds)
+            ours = parse(run_sandvmm(str(image.kernel), str(image.initrd), disk, script))
+            theirs = parse(run_qemu(str(image.kernel), str(image.initrd), disk, script))
+            rows.append((name, ours, theirs))
+            print(f"{name}: sandvmm {ours} qemu {theirs}", file=sys.stderr, flush=True)
+    print(f"\n| job | sandvmm MB/s | sandvmm IOPS | QEMU MB/s | QEMU IOPS | sandvmm/QEMU |")
+    print("|---|---|---|---|---|---|")
+    for name, ours, theirs in rows:
+        if ours is None or theirs is None:
+            print(f"| {name} | {ours or 'failed'} | | {theirs or 'failed'} | | |")
+            continue
+        print(f"| {name} | {ours[0]:.1f} | {ours[1]:.0f} | {theirs[0]:.1f} | {theirs[1]:.0f} | {ours[0] / theirs[0]:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
