@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from sandvmm.devices.block.disk import DiskError, ImageError, RawDisk
+from sandvmm.devices.block.disk import DiskError, ImageError, RawDisk, address_of
 from sandvmm.devices.block.images import MAX_CHAIN_DEPTH, image_fds, open_chain, open_image
 from sandvmm.devices.block.qcow2 import Qcow2Disk, create_qcow2
 
@@ -145,25 +145,37 @@ def test_block_device_size_comes_from_seeking(tmp_path):
         subprocess.run([loop, "--detach", device], check=False)
 
 
-def test_direct_io_with_aligned_and_unaligned_requests(tmp_path):
+def test_direct_io_with_aligned_and_unaligned_requests(tmp_path, monkeypatch):
     content = bytearray(raw_file(tmp_path / "a.raw", MiB))
+    used = []  # the fd each write went through
+    real_pwritev = os.pwritev
+    monkeypatch.setattr(os, "pwritev", lambda fd, views, offset: used.append(fd) or real_pwritev(fd, views, offset))
     disk, fds = open_chain(tmp_path / "a.raw", read_only=False, direct=True)
     with closing(disk):
-        assert fcntl.fcntl(fds[0], fcntl.F_GETFL) & os.O_DIRECT
+        assert len(fds) == 2 and fcntl.fcntl(fds[0], fcntl.F_GETFL) & os.O_DIRECT
+        assert not fcntl.fcntl(fds[1], fcntl.F_GETFL) & os.O_DIRECT  # the twin for unaligned transfers
         aligned = mmap.mmap(-1, 8192)  # page aligned: the O_DIRECT path proper
         disk.read_into(4096, [memoryview(aligned)])
         assert aligned[:] == content[4096:12288]
         aligned[:] = b"\x5a" * 8192
-        disk.write_from(8192, [memoryview(aligned)])
+        disk.write_from(8192, [memoryview(aligned).toreadonly()])  # as a guest's write request comes
         disk.write_from(3, [memoryview(b"odd")])  # unaligned: through the page cache for this call
+        assert used == [fds[0], fds[1]]
         odd = bytearray(10)
         disk.read_into(1, [memoryview(odd)])
-        assert fcntl.fcntl(fds[0], fcntl.F_GETFL) & os.O_DIRECT  # switched back on
         disk.flush()
     content[8192:16384] = b"\x5a" * 8192
     content[3:6] = b"odd"
     assert odd == content[1:11]
     assert (tmp_path / "a.raw").read_bytes() == content
+
+
+def test_alignment_is_seen_through_read_only_views():
+    """A guest's write request arrives as read-only views of guest RAM: they still go direct."""
+    ram = mmap.mmap(-1, 3 * 4096)
+    view = memoryview(ram).toreadonly()
+    assert address_of(view[4096:8192]) == address_of(memoryview(ram)[4096:])
+    assert address_of(view[4096:8192]) % 4096 == 0 and address_of(view[100:]) % 4096 == 100
 
 
 def test_direct_io_under_qcow2(tmp_path):

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import fcntl
 import os
 import stat
-import struct
 from typing import Protocol, Sequence
 
 IOV_MAX = os.sysconf("SC_IOV_MAX")
@@ -24,8 +22,6 @@ QCOW2_MAGIC = b"QFI\xfb"
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
-BLKDISCARD = 0x1277
-BLKZEROOUT = 0x127F
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
@@ -79,54 +75,64 @@ def byte_views(buffers: Sequence) -> list[memoryview]:
     return [memoryview(buffer).cast("B") for buffer in buffers]
 
 
+class _PyBuffer(ctypes.Structure):
+    _fields_ = [("buf", ctypes.c_void_p), ("obj", ctypes.py_object), ("len", ctypes.c_ssize_t),
+                ("itemsize", ctypes.c_ssize_t), ("readonly", ctypes.c_int), ("ndim", ctypes.c_int),
+                ("format", ctypes.c_char_p), ("shape", ctypes.c_void_p), ("strides", ctypes.c_void_p),
+                ("suboffsets", ctypes.c_void_p), ("internal", ctypes.c_void_p)]
+
+
+_get_buffer = ctypes.pythonapi.PyObject_GetBuffer
+_get_buffer.argtypes = [ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int]
+_release_buffer = ctypes.pythonapi.PyBuffer_Release
+_release_buffer.argtypes = [ctypes.POINTER(_PyBuffer)]
+
+
+def address_of(view: memoryview) -> int:
+    """Where a buffer's memory is, read-only ones too (a guest's write requests are
+    read-only views of guest RAM; ctypes' from_buffer only takes writable ones)."""
+    buffer = _PyBuffer()
+    _get_buffer(view, ctypes.byref(buffer), 0)  # PyBUF_SIMPLE: contiguous bytes
+    try:
+        return buffer.buf or 0
+    finally:
+        _release_buffer(ctypes.byref(buffer))
+
+
 def _aligned(view: memoryview) -> bool:
     if view.nbytes % DIRECT_ALIGNMENT:
         return False
-    if not view.nbytes:
-        return True
-    try:
-        address = ctypes.addressof(ctypes.c_char.from_buffer(view))
-    except TypeError:  # read-only memory: we cannot learn its address, so take the safe path
-        return False
-    return address % DIRECT_ALIGNMENT == 0
+    return not view.nbytes or address_of(view) % DIRECT_ALIGNMENT == 0
 
 
 class FileIO:
     """Positional I/O on one fd, straight into and out of the caller's memory.
 
     Short transfers continue (Python itself retries on EINTR, PEP 475); reads past the end
-    of the file fill zeros, as a sparse or truncated image would read. With O_DIRECT, a
-    transfer whose offset, length or memory is not 4 KiB aligned goes through the page
-    cache for that call (O_DIRECT toggled off with F_SETFL: the kernel keeps the two
-    coherent), instead of failing with EINVAL.
+    of the file fill zeros, as a sparse or truncated image would read.
+
+    buffered_fd: when fd has O_DIRECT, a second fd on the same file without it. A transfer
+    whose offset, length or memory is not 4 KiB aligned goes through it instead of failing
+    with EINVAL (the kernel keeps cached and direct I/O on one file coherent). A twin fd
+    rather than toggling O_DIRECT with F_SETFL: the jailed child's policy needs no fcntl.
     """
 
-    def __init__(self, fd: int, *, name: str = "") -> None:
+    def __init__(self, fd: int, *, name: str = "", buffered_fd: int | None = None) -> None:
         self.fd = fd
+        self.buffered_fd = buffered_fd
         self.name = name or f"fd {fd}"
-        self.direct = bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)
         self.unsynced = False  # written since the last sync()
 
     def _error(self, what: str, error: OSError) -> DiskError:
         return DiskError(f"{self.name}: {what} failed: {os.strerror(error.errno) if error.errno else error}")
 
-    def _buffered(self, offset: int, views: Sequence[memoryview]) -> bool:
-        return self.direct and (offset % DIRECT_ALIGNMENT != 0 or not all(_aligned(view) for view in views))
-
     def _transfer(self, call, offset: int, views: list[memoryview], reading: bool) -> None:
-        if not self._buffered(offset, views):
-            return self._loop(call, offset, views, reading)
-        flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
-        fcntl.fcntl(self.fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
-        try:
-            self._loop(call, offset, views, reading)
-        finally:
-            fcntl.fcntl(self.fd, fcntl.F_SETFL, flags)
-
-    def _loop(self, call, offset: int, views: list[memoryview], reading: bool) -> None:
+        fd = self.fd
+        if self.buffered_fd is not None and (offset % DIRECT_ALIGNMENT or not all(map(_aligned, views))):
+            fd = self.buffered_fd
         views = [view for view in views if view.nbytes]
         while views:
-            done = call(self.fd, views[:IOV_MAX], offset)
+            done = call(fd, views[:IOV_MAX], offset)
             if done == 0:
                 if reading:  # end of file: the rest reads as zeros
                     return fill_zeros(views)
@@ -192,10 +198,13 @@ class FileIO:
             offset += chunk
             length -= chunk
 
+    def fds(self) -> list[int]:
+        return [fd for fd in (self.fd, self.buffered_fd) if fd is not None and fd >= 0]
+
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        for fd in self.fds():
+            os.close(fd)
+        self.fd, self.buffered_fd = -1, None
 
 
 class RawDisk:
@@ -206,8 +215,9 @@ class RawDisk:
     opened as qcow2, with a backing file of the guest's choosing (any host file).
     """
 
-    def __init__(self, fd: int, read_only: bool, *, name: str = "", guard_format: bool = False) -> None:
-        self.io = FileIO(fd, name=name)
+    def __init__(self, fd: int, read_only: bool, *, name: str = "", guard_format: bool = False,
+                 buffered_fd: int | None = None) -> None:
+        self.io = FileIO(fd, name=name, buffered_fd=buffered_fd)
         self.read_only = read_only
         self.guard_format = guard_format
         try:
@@ -251,20 +261,17 @@ class RawDisk:
         if not self.read_only:
             self.io.sync()
 
+    # fallocate works on block devices too (since Linux 4.9): PUNCH_HOLE discards (reading
+    # back zeros), ZERO_RANGE zeroes in place. Not the BLKDISCARD/BLKZEROOUT ioctls: the
+    # child's policy allows fallocate with exactly these two modes, and no ioctl.
+
     def discard(self, offset: int, length: int) -> None:
         self._check_writable()
-        if self.block_device:
-            if not self._block_ioctl(BLKDISCARD, offset, length):
-                self._zero(offset, length)
-        elif not self.io.fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length):
+        if not self.io.fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length):
             self._zero(offset, length)
 
     def write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
         self._check_writable()
-        if self.block_device:
-            if not self._block_ioctl(BLKZEROOUT, offset, length):
-                self._zero(offset, length)
-            return
         if unmap and self.io.fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length):
             return
         if self.io.fallocate(FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length):
@@ -273,16 +280,6 @@ class RawDisk:
 
     def _zero(self, offset: int, length: int) -> None:
         self.io.write_zero_range(offset, min(length, max(0, self.size - offset)))
-
-    def _block_ioctl(self, request: int, offset: int, length: int) -> bool:
-        try:
-            fcntl.ioctl(self.io.fd, request, struct.pack("QQ", offset, length))
-        except OSError as error:
-            if error.errno in (errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL):
-                return False
-            raise self.io._error(f"discard at {offset}", error) from None
-        self.io.unsynced = True
-        return True
 
     def close(self) -> None:
         self.io.close()

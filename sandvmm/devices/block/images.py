@@ -43,8 +43,12 @@ def open_image(path: Path, *, read_only: bool, lock: bool = True, direct: bool =
 
 
 def open_chain(path: Path, read_only: bool, *, lock: bool = True, direct: bool = False) -> tuple[Disk, list[int]]:
-    """(disk, every fd it uses), top image first. direct: O_DIRECT on every file of the chain."""
-    layers: list[tuple[Path, int, str]] = []  # (path, fd, format)
+    """(disk, every fd it uses), top image first.
+
+    direct: O_DIRECT on every file of the chain, plus a second, buffered fd per file for
+    the transfers O_DIRECT cannot do (unaligned ones: see FileIO).
+    """
+    layers: list[tuple[Path, int, str, int | None]] = []  # (path, fd, format, buffered twin fd)
     seen: dict[tuple[int, int], Path] = {}
     try:
         current, writable, forced = Path(path), not read_only, None
@@ -52,7 +56,7 @@ def open_chain(path: Path, read_only: bool, *, lock: bool = True, direct: bool =
             if len(layers) >= MAX_CHAIN_DEPTH:
                 raise ImageError(f"{path}: backing chain deeper than {MAX_CHAIN_DEPTH} images")
             fd = _open(current, writable, direct, layers[-1][0] if layers else None)
-            layers.append((current, fd, "unknown"))
+            layers.append((current, fd, "unknown", None))
             info = os.fstat(fd)
             if (info.st_dev, info.st_ino) in seen:
                 names = " -> ".join(str(layer[0]) for layer in layers)
@@ -60,11 +64,13 @@ def open_chain(path: Path, read_only: bool, *, lock: bool = True, direct: bool =
             seen[(info.st_dev, info.st_ino)] = current
             if lock:
                 take_lock(fd, writable, current)
-            head = _read_head(fd, current)
+            if direct:
+                layers[-1] = (current, fd, "unknown", _open(current, writable, False, None))
+            head = _read_head(fd, current, layers[-1][3])
             qcow2 = is_qcow2(head) if forced is None else forced == "qcow2"
             if forced == "qcow2" and not is_qcow2(head):
                 raise ImageError(f"{current} is named as a qcow2 backing file but is not qcow2")
-            layers[-1] = (current, fd, "qcow2" if qcow2 else "raw")
+            layers[-1] = (current, fd, "qcow2" if qcow2 else "raw", layers[-1][3])
             if not qcow2:
                 break
             header = parse_header(head, str(current))
@@ -73,23 +79,26 @@ def open_chain(path: Path, read_only: bool, *, lock: bool = True, direct: bool =
             current, writable, forced = _backing_path(current, header.backing_file), False, header.backing_format
             if forced not in (None, "raw", "qcow2"):
                 raise ImageError(f"{layers[-1][0]}: backing format {forced!r} is not supported (raw or qcow2)")
-        return _build(layers, read_only), [layer[1] for layer in layers]
+        disk = _build(layers, read_only)
+        return disk, image_fds(disk)
     except BaseException:
         for layer in layers:
-            os.close(layer[1])
+            for fd in layer[1], layer[3]:
+                if fd is not None:
+                    os.close(fd)
         raise
 
 
-def _build(layers: list[tuple[Path, int, str]], read_only: bool) -> Disk:
+def _build(layers: list[tuple[Path, int, str, int | None]], read_only: bool) -> Disk:
     """Disks from the bottom of the chain up; on failure the fds are the caller's to close."""
     disk: Disk | None = None
     for position in range(len(layers) - 1, -1, -1):
-        path, fd, kind = layers[position]
+        path, fd, kind, buffered_fd = layers[position]
         layer_read_only = read_only or position > 0
         if kind == "qcow2":
-            disk = Qcow2Disk(fd, disk, layer_read_only, name=str(path))
+            disk = Qcow2Disk(fd, disk, layer_read_only, name=str(path), buffered_fd=buffered_fd)
         else:  # only the top can be written, and its format is always probed
-            disk = RawDisk(fd, layer_read_only, name=str(path), guard_format=position == 0)
+            disk = RawDisk(fd, layer_read_only, name=str(path), guard_format=position == 0, buffered_fd=buffered_fd)
     return disk
 
 
@@ -110,9 +119,9 @@ def _open(path: Path, writable: bool, direct: bool, named_by: Path | None) -> in
     return fd
 
 
-def _read_head(fd: int, path: Path) -> bytes:
+def _read_head(fd: int, path: Path, buffered_fd: int | None) -> bytes:
     """The first cluster's worth of bytes (the largest cluster is 2 MiB; read what the header says)."""
-    io = FileIO(fd, name=str(path))  # O_DIRECT-safe reads
+    io = FileIO(fd, name=str(path), buffered_fd=buffered_fd)
     try:
         head = bytes(io.read(0, 512))
         if is_qcow2(head):
@@ -158,6 +167,6 @@ def image_fds(disk: Disk) -> list[int]:
     """The fds a jailed device child must keep for `disk` and its backing chain, top first."""
     fds = []
     while disk is not None:
-        fds.append(disk.io.fd)
+        fds.extend(disk.io.fds())
         disk = getattr(disk, "backing", None)
     return fds

@@ -64,14 +64,15 @@ class ViewCursor:
 
 class Qcow2Disk:
     def __init__(self, fd: int, backing: Disk | None, read_only: bool, *, name: str = "",
-                 io: FileIO | None = None, cache_bytes: int = 16 << 20) -> None:
+                 buffered_fd: int | None = None, io: FileIO | None = None, cache_bytes: int = 16 << 20) -> None:
         """Open the qcow2 image on `fd` (ImageError if it cannot be used as asked).
 
         backing: the already opened backing image, or None to read unallocated clusters as
-        zeros. io: replaces FileIO(fd) (tests inject faults through it). The disk owns fd
-        and backing once open (close() closes them); if opening fails they stay the caller's.
+        zeros. buffered_fd: see FileIO (O_DIRECT). io: replaces FileIO(fd) (tests inject
+        faults through it). The disk owns its fds and backing once open (close() closes
+        them); if opening fails they stay the caller's.
         """
-        self.io = io or FileIO(fd, name=name)
+        self.io = io or FileIO(fd, name=name, buffered_fd=buffered_fd)
         self.name = name or self.io.name
         try:
             head = self.io.read(0, 512)
@@ -98,6 +99,7 @@ class Qcow2Disk:
         self.l2_cache_limit = max(8, cache_bytes >> self.cluster_bits)
         self.l2_dirty: dict[int, list[int] | None] = {}  # table offset -> [low, high) entries, None: all
         self.l1_dirty: set[int] = set()
+        self.l2_checked: set[int] = set()  # L2 tables found fit to be changed
         self.pending_frees: list[int] = []  # host clusters to release once their references are gone for good
         self.last_compressed: tuple[int, bytes] = (0, b"")
         self.refcounts: Refcounts | None = None
@@ -137,7 +139,7 @@ class Qcow2Disk:
             self.l2_cache[offset] = table
         else:
             self.l2_cache.move_to_end(offset)
-        if create:  # about to change it: it must be ours alone, and not on top of other metadata
+        if create and offset not in self.l2_checked:  # about to change it: ours alone, not on other metadata
             cluster = offset >> self.cluster_bits
             if cluster == 0 or cluster in self.l1_clusters or self.refcounts.counts_itself_at(cluster):
                 raise DiskError(f"{self.name}: L2 table at {offset:#x} overlaps other metadata (image corrupt)")
@@ -145,6 +147,7 @@ class Qcow2Disk:
             if not entry & COPIED:
                 self.l1[l1_index] = entry | COPIED
                 self.l1_dirty.add(l1_index)
+            self.l2_checked.add(offset)  # L2 tables are never freed: the answer stays true
         return offset, table
 
     def _new_l2_table(self, l1_index: int) -> int:
@@ -153,6 +156,7 @@ class Qcow2Disk:
         offset = cluster << self.cluster_bits
         self.l2_cache[offset] = array("Q", bytes(self.cluster_size))
         self.l2_dirty[offset] = None  # a reused cluster holds old bytes: write the whole table
+        self.l2_checked.add(offset)
         self.l1[l1_index] = offset | COPIED
         self.l1_dirty.add(l1_index)
         return offset
@@ -226,6 +230,12 @@ class Qcow2Disk:
         length = total_length(views)
         self._check_range(offset, length)
         self._trim_cache()
+        if length and not (offset ^ (offset + length - 1)) >> self.cluster_bits:
+            # The common small request inside one cluster: no run bookkeeping.
+            _, table, index = self._entry(offset >> self.cluster_bits)
+            entry = table[index] if table is not None else 0
+            if self._kind(entry) == NORMAL:
+                return self.io.read_into((entry & OFFSET_MASK) + (offset & (self.cluster_size - 1)), views)
         self._read(offset, length, ViewCursor(views))
 
     def _read(self, offset: int, length: int, cursor: ViewCursor) -> None:

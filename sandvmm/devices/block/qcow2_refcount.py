@@ -177,6 +177,18 @@ class Refcounts:
         self.metadata.add(cluster)
         self.block_clusters.add(cluster)
 
+    def _end_of_allocations(self) -> int:
+        """One past the last cluster with a refcount (not the file size: a qcow2 image on a
+        block device has no meaningful one, and this needs no fstat in the jailed child)."""
+        for index in range(len(self.table) - 1, -1, -1):
+            block = self._block(index)
+            if block is None:
+                continue
+            for slot in range(self.entries_per_block - 1, -1, -1):
+                if self._decode(block, slot):
+                    return index * self.entries_per_block + slot + 1
+        return 0
+
     def _grow_table(self, min_entries: int, lower_bound: int) -> None:
         """Move the refcount table to a larger copy at the end of the file.
 
@@ -185,7 +197,7 @@ class Refcounts:
         freed after the header is durable.
         """
         per_block = self.entries_per_block
-        start = max(lower_bound, -(-self.io.size() >> self.cluster_bits))
+        start = max(lower_bound, self._end_of_allocations())
         entries = max(min_entries, 2 * len(self.table))
         while True:
             table_clusters = -(-entries * 8 // self.cluster_size)
