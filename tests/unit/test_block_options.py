@@ -49,3 +49,31 @@ def test_a_missing_image_is_refused_before_boot(tmp_path):
     result = sandvmm("run", "--block", str(tmp_path / "missing.img"), "--", "true")
     assert result.returncode == 2
     assert "missing.img" in one_line_error(result)
+
+
+def test_create_qcow2_makes_an_image_qemu_img_accepts(tmp_path):
+    import json
+    import subprocess
+
+    base = tmp_path / "base.img"
+    base.write_bytes(bytes(3 << 20))
+    assert sandvmm("create-qcow2", str(tmp_path / "plain.qcow2"), "1G").returncode == 0
+    assert sandvmm("create-qcow2", "--backing-file", "base.img", str(tmp_path / "overlay.qcow2")).returncode == 0
+    for name, size, backing in (("plain.qcow2", 1 << 30, None), ("overlay.qcow2", 3 << 20, "base.img")):
+        info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(tmp_path / name)],
+                                         capture_output=True, text=True, check=True).stdout)
+        assert (info["format"], info["virtual-size"], info.get("backing-filename")) == ("qcow2", size, backing)
+        subprocess.run(["qemu-img", "check", str(tmp_path / name)], capture_output=True, check=True)
+
+
+@pytest.mark.parametrize("args, says", [
+    (["{tmp}/exists.qcow2", "1G"], "already exists"),
+    (["{tmp}/new.qcow2"], "SIZE"),
+    (["{tmp}/new.qcow2", "ten"], "not a size"),
+    (["--backing-file", "{tmp}/missing.img", "{tmp}/new.qcow2"], "missing.img"),
+])
+def test_create_qcow2_errors_are_one_line(tmp_path, args, says):
+    (tmp_path / "exists.qcow2").write_bytes(b"")
+    result = sandvmm("create-qcow2", *(arg.format(tmp=tmp_path) for arg in args))
+    assert result.returncode == 2
+    assert says in one_line_error(result)
