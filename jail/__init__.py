@@ -4,7 +4,7 @@ rlimits, fd hygiene, seccomp policies). It does not depend on sandvmm."""
 from jail.errors import JailError, PolicyError
 from jail.mounts import BindMount
 from jail.policy import Clause, Comparison, Policy, Rule, load_policy, parse_policy
-from jail.sandbox import JailConfig, JailedProcess, spawn
+from jail.sandbox import JailConfig, JailedProcess, close_fds_except, spawn
 from jail.seccomp import (
     SeccompListener,
     Violation,
@@ -15,7 +15,7 @@ from jail.seccomp import (
 )
 
 __all__ = [
-    "BindMount", "Clause", "Comparison", "JailConfig", "JailError", "JailedProcess",
+    "BindMount", "Clause", "close_fds_except", "Comparison", "JailConfig", "JailError", "JailedProcess",
     "Policy", "PolicyError", "Rule", "SeccompListener", "Violation", "compile_filter",
     "compile_program", "load_policy", "parse_policy", "receive_violation", "respond", "spawn",
 ]

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+import jail
+
 from sandvmm.devices.virtio import shell
 from sandvmm.errors import UserError
 from sandvmm.main.device_proxy import Channels, DeviceGone, DeviceProxy
@@ -57,10 +59,7 @@ class ForkedProcess:
         if self.pid == 0:
             status = 70
             try:
-                keep = sorted({0, 1, 2, *keep_fds})
-                for low, high in zip([-1] + keep, keep + [os.sysconf("SC_OPEN_MAX")]):
-                    if low + 1 < high:  # closerange(n, n) would close everything from n up
-                        os.closerange(low + 1, high)
+                jail.close_fds_except(frozenset({0, 1, 2, *keep_fds}))
                 status = target()
             except BaseException:
                 traceback.print_exc()  # unjailed is for debugging: show everything
@@ -138,7 +137,6 @@ class DeviceHost:
     def _spawn(self, spec: DeviceSpec, keep: list[int], target: Callable[[], int]):
         if not self.sandbox.enabled:
             return ForkedProcess(target, keep)
-        import jail  # only when jailing: --disable-sandbox works even without pyseccomp
         policy = check_policy(self.sandbox, spec.policy_name)
         config = jail.JailConfig(name=f"sandvmm-{spec.name}", policy=policy, violation_action="notify", keep_fds=keep)
         try:
@@ -191,7 +189,6 @@ class DeviceHost:
 
     def _violation(self, device: Device) -> bool:
         """Serve one seccomp notification; False once the child is gone."""
-        import jail
         violation = jail.receive_violation(device.process.listener_fd)
         if violation is None:
             return False

@@ -369,3 +369,35 @@ def test_children_start_fast(jails):
     print(f"spawn(): median {statistics.median(times) * 1000:.1f} ms, "
           f"max {max(times) * 1000:.1f} ms")
     assert max(times) < 1.0
+
+
+def is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("keep", [{0}, {0, 1, 2}, {3}, {1, 5}])
+def test_close_fds_except_keeps_exactly_the_given_fds(keep):
+    from jail import close_fds_except
+
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # open a few fds, close all others, report which are left
+        status = 1
+        try:
+            for _ in range(6):
+                os.open("/dev/null", os.O_RDONLY)
+            close_fds_except(frozenset(keep | {write_end}))
+            left = [fd for fd in range(64) if is_open(fd)]
+            os.write(write_end, repr(left).encode())
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(write_end)
+    report = os.read(read_end, 4096).decode()
+    os.close(read_end)
+    assert os.waitpid(pid, 0)[1] == 0
+    assert eval(report) == sorted(keep | {write_end})

@@ -478,6 +478,7 @@ def one_line(error: Exception, *words: str) -> str:
     ([(20, ">I", 22)], "cluster_bits 22"),
     ([(24, ">Q", 1 << 63)], "virtual size"),
     ([(32, ">I", 1)], "encrypted"),
+    ([(32, ">I", 2)], "encrypted"),  # LUKS (qemu-img's own LUKS setup is flaky to time here)
     ([(36, ">I", 1 << 30)], "L1 table of"),
     ([(24, ">Q", 1 << 40)], "cannot map"),
     ([(40, ">Q", 12345)], "L1 table offset"),
@@ -514,8 +515,6 @@ def test_a_named_unknown_feature_is_reported_by_its_name(tmp_path):
     (["-o", "extended_l2=on"], "extended L2"),
     (["-o", "data_file=data.raw"], "external data file"),
     (["-o", "compression_type=zstd"], "compression type"),
-    (["--object", "secret,id=key,data=password", "-o", "encrypt.format=luks,encrypt.key-secret=key,"
-      "encrypt.iter-time=10"], "encrypted"),
 ])
 def test_qemu_features_we_do_not_support_are_refused(tmp_path, options, says):
     image = tmp_path / "a.qcow2"
