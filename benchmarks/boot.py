@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 
+from sandvmm.doctor import shmem_huge_pages
 from sandvmm.image.build import ensure_image
 from sandvmm.lab.peer import PeerConfig, qemu_command
 
@@ -84,7 +85,8 @@ def main() -> None:
     medians = {name: {key: statistics.median(run[key] for run in runs) for key in ("init", "exit", "guest")}
                for name, runs in results.items()}
     base = medians["qemu-microvm"]
-    print(f"boot of the default guest, median of {args.rounds} rounds, {os.cpu_count()} host cpus"
+    print(f"boot of the default guest, median of {args.rounds} rounds, {os.cpu_count()} host cpus,"
+          f" shared-memory huge pages: {shmem_huge_pages()}"
           f"{' (inside the lab: compare ratios only)' if os.environ.get('SANDVMM_IN_LAB') else ''}")
     print(f"{'vmm':14} {'to cmd s':>10} {'to exit s':>10} {'guest s':>8} {'cmd/microvm':>13} {'exit/microvm':>13}"
           f" {'failed boots':>13}")

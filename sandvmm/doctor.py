@@ -131,6 +131,27 @@ def _memfd() -> tuple[bool, str]:
         return False, f"memfd_create failed: {error.strerror}"
 
 
+SHMEM_THP = Path("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
+
+
+def shmem_huge_pages() -> str:
+    """The host's huge-page policy for shared memory (guest RAM is a memfd), e.g. "never"."""
+    try:
+        text = SHMEM_THP.read_text()
+    except OSError:
+        return "unsupported"
+    chosen = [word[1:-1] for word in text.split() if word.startswith("[")]
+    return chosen[0] if chosen else text.strip()
+
+
+def _huge_pages() -> tuple[bool, str]:
+    policy = shmem_huge_pages()
+    if policy in ("advise", "always", "within_size", "force"):
+        return True, f"shared memory may use huge pages ({policy}): guest RAM gets them"
+    return False, (f"shared memory huge pages are '{policy}': guests boot slower; "
+                   f"as root, `echo advise > {SHMEM_THP}` lets sandvmm ask for them")
+
+
 def _qemu() -> tuple[bool, str]:
     path = shutil.which("qemu-system-x86_64")
     return (True, path) if path else (False, "not installed: apt-get install qemu-system-x86 (needed by `sandvmm lab`)")
@@ -145,6 +166,7 @@ def report() -> int:
         ("seccomp", *_seccomp()),
         ("tun", *_tun()),
         ("memfd", *_memfd()),
+        ("huge pages", *_huge_pages()),
         ("qemu-system-x86_64", *_qemu()),
     ]
     for name, ok, detail in checks:

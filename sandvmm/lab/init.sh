@@ -9,6 +9,10 @@ mount -t devtmpfs dev /dev
 while read -r module; do
     insmod "/lib/modules/$module.ko" || fail "cannot load $module"
 done < /etc/sandvmm-modules
+# Let shared memory use huge pages when asked (madvise): sandvmm's guest RAM is a memfd,
+# and under nested KVM each 4 KiB first touch is an expensive fault (docs/lab.md). QEMU's
+# anonymous guest RAM gets huge pages from the default `enabled` setting already.
+echo advise > /sys/kernel/mm/transparent_hugepage/shmem_enabled || fail "cannot set shmem_enabled"
 
 # The host's root is shared read-only; an overlay with a tmpfs on top makes it look
 # writable to the job (so /tmp, caches and the like work) and throws those writes away

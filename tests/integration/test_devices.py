@@ -199,3 +199,24 @@ def test_disable_sandbox_runs_devices_unjailed():
     finally:
         status, stderr = vm.stop()
     assert status == 128 + signal.SIGTERM, stderr
+
+
+# --- guest RAM, seen from the host --------------------------------------------------------------
+
+def test_guest_ram_is_one_shared_memfd_with_huge_pages_where_the_host_allows():
+    from sandvmm.doctor import shmem_huge_pages
+
+    policy = shmem_huge_pages()
+    if policy in ("never", "deny", "unsupported"):
+        pytest.skip(f"this host gives shared memory no huge pages ({policy}); the lab sets advise")
+    vm = RunningVm()
+    try:
+        smaps = Path(f"/proc/{vm.process.pid}/smaps").read_text()
+        rng = Path(f"/proc/{vm.device('rng')}/maps").read_text()
+    finally:
+        vm.stop()
+    mappings = smaps.split("\n")
+    at = next(i for i, line in enumerate(mappings) if "memfd:sandvmm-guest-ram" in line)
+    fields = dict(line.split(":", 1) for line in mappings[at + 1:at + 30] if line.endswith(" kB"))
+    assert int(fields["ShmemPmdMapped"].split()[0]) > 0, "the kernel and initrd main wrote sit in 4 KiB pages"
+    assert "memfd:sandvmm-guest-ram" in rng  # the device child maps the very same RAM

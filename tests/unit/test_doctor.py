@@ -10,7 +10,7 @@ def test_doctor_reports_every_check_and_gives_advice():
     result = sandvmm("doctor")
     assert result.returncode == 0, result
     lines = result.stdout.splitlines()
-    for check in ("/dev/kvm", "user namespaces", "seccomp", "tun", "memfd", "qemu-system-x86_64"):
+    for check in ("/dev/kvm", "user namespaces", "seccomp", "tun", "memfd", "huge pages", "qemu-system-x86_64"):
         assert any(line.split(":")[0].endswith(check) for line in lines), check
     advice = lines[-1]
     assert advice.startswith("=>")
@@ -27,3 +27,17 @@ def test_kvm_pvm_is_recognised_as_emulated():
             and not Path("/sys/module/kvm_intel").exists():
         assert status.mode == "emulated", status
         assert "kvm_pvm" in status.detail
+
+
+def test_huge_page_policy_is_read_from_the_bracketed_choice(tmp_path, monkeypatch):
+    from sandvmm import doctor
+
+    setting = tmp_path / "shmem_enabled"
+    monkeypatch.setattr(doctor, "SHMEM_THP", setting)
+    setting.write_text("always within_size advise [never] deny force\n")
+    assert doctor.shmem_huge_pages() == "never" and not doctor._huge_pages()[0]
+    assert "echo advise" in doctor._huge_pages()[1]
+    setting.write_text("always within_size [advise] never deny force\n")
+    assert doctor.shmem_huge_pages() == "advise" and doctor._huge_pages()[0]
+    setting.unlink()
+    assert doctor.shmem_huge_pages() == "unsupported"
