@@ -29,7 +29,7 @@ from sandvmm.errors import UserError
 from sandvmm.image.apt import Package, PrivateApt, progress
 from sandvmm.image.cpio import CpioWriter
 
-BUILDER_VERSION = 3  # bump when the image layout or an init script changes
+BUILDER_VERSION = 3  # bump when the image layout changes (init scripts are hashed: builder_version)
 
 GUEST_MODULES = (
     "virtio_blk", "virtio_net", "virtio_rng", "virtio_input", "virtio_balloon",
@@ -71,9 +71,17 @@ class Image:
         return (self.directory / "manifest.json").exists()
 
 
+def builder_version() -> str:
+    """BUILDER_VERSION and the init scripts' digest: a changed script means a new image."""
+    digest = hashlib.sha256()
+    for package in ("sandvmm.guest", "sandvmm.lab"):
+        digest.update((resources.files(package) / "init.sh").read_bytes())
+    return f"{BUILDER_VERSION}-{digest.hexdigest()[:12]}"
+
+
 def request_key(extra: list[str]) -> str:
     # The builder version is part of the key so that a changed init script is rebuilt.
-    return f"v{BUILDER_VERSION}:" + (",".join(sorted(set(extra))) or "default")
+    return f"v{builder_version()}:" + (",".join(sorted(set(extra))) or "default")
 
 
 def _index_path() -> Path:
@@ -112,7 +120,7 @@ def ensure_image(extra: list[str] | None = None, refresh: bool = False) -> Image
     kernel = [p for p in kernel if p.name == kernel_name]
     busybox = [p for p in apt.resolve(["busybox-static"]) if p.name == "busybox-static"]
     packages = apt.resolve(extra) if extra else []
-    key_material = json.dumps([BUILDER_VERSION, [p.spec for p in kernel + busybox + packages]])
+    key_material = json.dumps([builder_version(), [p.spec for p in kernel + busybox + packages]])
     image = Image(cache_dir() / "images" / hashlib.sha256(key_material.encode()).hexdigest()[:16])
     if not image.complete():
         debs = apt.download(kernel + busybox + packages)
