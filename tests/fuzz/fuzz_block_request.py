@@ -22,7 +22,6 @@ Input layout (little-endian; missing bytes read as zero, so any byte string is a
   the rest: the data area at DATA_ADDRESS (at most DATA_SIZE bytes)
 """
 
-import ctypes
 import pathlib
 import sys
 
@@ -31,29 +30,19 @@ import atheris
 with atheris.instrument_imports(include=["sandvmm.devices.block.core", "sandvmm.devices.virtio"]):
     from sandvmm.devices.block.core import HEADER, SEGMENT, BlockCore
     from sandvmm.devices.virtio.device import RING_FEATURES
-    from sandvmm.devices.virtio.queue import (
-        GuestError,
-        QueueConfig,
-        SplitQueue,
-        descriptor_table_size,
-        device_area_size,
-        driver_area_size,
-    )
+    from sandvmm.devices.virtio.queue import GuestError, SplitQueue
 
 from sandvmm.memory import GuestMemory
+from tests.fuzz.device_queue import (
+    DATA_ADDRESS, DATA_SIZE, DESCRIPTOR_TABLE, MAX_LOG2_SIZE, RAM_SIZE, QueueWatch, check_device_run, fixed_layout,
+    load_queue, queue_bytes, queue_size,
+)
 
-RAM_SIZE = 0x10000  # small, so that addresses the fuzzer makes up often land in RAM
-DESCRIPTOR_TABLE = 0x1000  # FakeDriver(address=0x1000)'s layout
-DATA_ADDRESS = 0x2000
-DATA_SIZE = 0x3000
-MAX_LOG2_SIZE = 4
 DISK_SECTORS = 64
 CORPUS = pathlib.Path(__file__).resolve().parent / "corpus" / "block_request"
 
 memory = GuestMemory(RAM_SIZE, name="fuzz-block")  # one memfd for every run: creating one is slow
-ZERO = bytes(RAM_SIZE)
 DISK_PATTERN = bytes(range(256)) * (DISK_SECTORS * 512 // 256)
-MEMORY_BASE = ctypes.addressof(ctypes.c_char.from_buffer(memory.view))
 
 
 class CheckedDisk:
@@ -91,27 +80,11 @@ class CheckedDisk:
         self.discard(offset, length)
 
 
-def fixed_layout(size: int) -> QueueConfig:
-    driver_area = DESCRIPTOR_TABLE + descriptor_table_size(size)
-    device_area = (driver_area + driver_area_size(size) + 3) & ~3
-    return QueueConfig(size, DESCRIPTOR_TABLE, driver_area, device_area)
-
-
 def run(data: bytes) -> dict:
     """Play one input. Returns counts of the statuses (for the corpus check and for curiosity)."""
     provider = atheris.FuzzedDataProvider(data)
     options = provider.ConsumeUInt(1)
-    size = 1 << min(options & 7, MAX_LOG2_SIZE)
-    config = fixed_layout(size)
-    published = provider.ConsumeUInt(2)
-    ring = provider.ConsumeBytes(2 * size).ljust(2 * size, b"\0")
-    table = provider.ConsumeBytes(descriptor_table_size(size))
-    memory.view[:] = ZERO
-    memory.view[config.driver_area + 2:config.driver_area + 4 + 2 * size] = published.to_bytes(2, "little") + ring
-    memory.view[DESCRIPTOR_TABLE:DESCRIPTOR_TABLE + len(table)] = table
-    area = provider.ConsumeBytes(DATA_SIZE)
-    memory.view[DATA_ADDRESS:DATA_ADDRESS + len(area)] = area
-
+    config = load_queue(memory, provider, queue_size(options))
     disk = CheckedDisk(read_only=bool(options & 32))
     core = BlockCore(disk, serial="fuzz", discard=not options & 64, queue_size=1 << MAX_LOG2_SIZE)
     features = RING_FEATURES if options & 128 else core.features
@@ -119,58 +92,28 @@ def run(data: bytes) -> dict:
     core.activate(features, {0: queue})
 
     counts = {"ok": 0, "ioerr": 0, "unsupp": 0, "no status": 0, "bad chains": 0, "ring errors": 0}
-    popped = []  # (head, writable views or None for a malformed chain), in pop order
-    completed = 0
-    pop, add_used = queue.pop, queue.add_used
 
-    def recording_pop():
-        try:
-            chain = pop()
-        except GuestError as error:
-            if error.head is not None:
-                popped.append((error.head, None))
-            raise
-        if chain is not None:
-            popped.append((chain.head, chain.writable))
-        return chain
-
-    def checking_add_used(head, length):
-        # Checked as each chain completes: later chains' buffers may overlap this one's.
-        nonlocal completed
-        expected_head, writable = popped[completed]
-        completed += 1
-        assert head == expected_head, "chains completed out of order"
-        if writable is None:
+    def on_complete(chain, length):
+        if chain is None:
             assert length == 0
             counts["bad chains"] += 1
-        elif not sum(map(len, writable)):
+        elif not chain.writable_length:
             assert length == 0
             counts["no status"] += 1
         else:
-            assert 1 <= length <= sum(map(len, writable)), length
-            status = next(view for view in reversed(writable) if len(view))[-1]
+            assert length >= 1, length
+            status = next(view for view in reversed(chain.writable) if len(view))[-1]
             assert status in (0, 1, 2), f"status {status}"
             counts[("ok", "ioerr", "unsupp")[status]] += 1
-        add_used(head, length)
 
-    queue.pop, queue.add_used = recording_pop, checking_add_used
+    watch = QueueWatch(queue, config, on_complete)
     before = bytes(memory.view)
     try:
         core.process(0)
     except GuestError as error:
         assert error.head is None, "a chain error escaped the core"
         counts["ring errors"] += 1
-    assert completed == len(popped), "a popped chain was never completed"
-    after = bytes(memory.view)
-    expected = bytearray(before)  # unchanged except where the device may write
-    device_area = config.device_area
-    expected[device_area:device_area + device_area_size(size)] = after[device_area:device_area + device_area_size(size)]
-    for _, writable in popped:
-        for view in writable or ():
-            if len(view):
-                start = ctypes.addressof(ctypes.c_char.from_buffer(view)) - MEMORY_BASE
-                expected[start:start + len(view)] = after[start:start + len(view)]
-    assert expected == after, "the device wrote outside the offered buffers"
+    check_device_run(memory, before, [watch])
     return counts
 
 
@@ -185,14 +128,10 @@ def seeds():
     from sandvmm.devices.virtio.driver import FakeDriver
 
     def snapshot(driver, options: int) -> bytes:
-        size = driver.config.size
-        avail = memory.read(driver.config.driver_area + 2, 2 + 2 * size)
-        area = memory.read(DATA_ADDRESS, DATA_SIZE).rstrip(b"\0")
-        return (bytes([options | (size.bit_length() - 1)]) + avail
-                + memory.read(DESCRIPTOR_TABLE, 16 * size) + area)
+        return bytes([options | (driver.config.size.bit_length() - 1)]) + queue_bytes(memory, driver.config)
 
     def new_driver(size=16):
-        memory.view[:] = ZERO
+        memory.view[:] = bytes(RAM_SIZE)
         driver = FakeDriver(memory, size, address=DESCRIPTOR_TABLE, data_size=DATA_SIZE)
         assert driver.config == fixed_layout(size) and driver.data_address == DATA_ADDRESS
         return driver

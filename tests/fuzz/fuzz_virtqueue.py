@@ -33,10 +33,10 @@ with atheris.instrument_imports(include=["sandvmm.devices.virtio"]):
         QueueConfig,
         SplitQueue,
         descriptor_table_size,
-        driver_area_size,
     )
 
 from sandvmm.memory import GuestMemory
+from tests.fuzz.device_queue import fixed_layout
 
 RAM_SIZE = 0x10000  # small, so that addresses the fuzzer makes up often land in RAM
 DESCRIPTOR_TABLE = 0x1000  # the fixed layout is the fake driver's (FakeDriver(address=0x1000))
@@ -49,12 +49,6 @@ MAX_FILL = 1 << 20  # a chain's buffers may overlap, so they can add up to more 
 memory = GuestMemory(RAM_SIZE, name="fuzz-virtqueue")  # one memfd for every run: creating one is slow
 ZERO = bytes(RAM_SIZE)
 FILL = bytes(range(256)) * (MAX_FILL // 256)
-
-
-def fixed_layout(size: int) -> QueueConfig:
-    driver_area = DESCRIPTOR_TABLE + descriptor_table_size(size)
-    device_area = (driver_area + driver_area_size(size) + 3) & ~3
-    return QueueConfig(size, DESCRIPTOR_TABLE, driver_area, device_area)
 
 
 def write_clipped(address: int, data: bytes) -> None:

@@ -1,0 +1,131 @@
+"""What the device harnesses share: a guest queue laid out from fuzz input, and a watch
+over what a device core does with it.
+
+The queue part of an input (little-endian; missing bytes read as zero, so any byte string
+is an input):
+  u16  avail idx (the ring starts at 0, so this is how many chains are published, raw)
+  u16  ring[size], then 16*size bytes of descriptor table
+  the rest: the data area at DATA_ADDRESS (at most DATA_SIZE bytes)
+
+The layout is FakeDriver(address=DESCRIPTOR_TABLE)'s, so seeds are written by a fake
+driver and snapshotted with `queue_bytes`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Callable
+
+from sandvmm.devices.virtio.queue import (
+    Chain,
+    GuestError,
+    QueueConfig,
+    SplitQueue,
+    descriptor_table_size,
+    device_area_size,
+    driver_area_size,
+)
+from sandvmm.memory import GuestMemory
+
+RAM_SIZE = 0x10000  # small, so that addresses the fuzzer makes up often land in RAM
+DESCRIPTOR_TABLE = 0x1000
+DATA_ADDRESS = 0x2000
+DATA_SIZE = 0x3000
+MAX_LOG2_SIZE = 4
+ZERO = bytes(RAM_SIZE)
+
+
+def fixed_layout(size: int, table: int = DESCRIPTOR_TABLE) -> QueueConfig:
+    driver_area = table + descriptor_table_size(size)
+    device_area = (driver_area + driver_area_size(size) + 3) & ~3
+    return QueueConfig(size, table, driver_area, device_area)
+
+
+def queue_size(options: int) -> int:
+    """The queue size an options byte asks for in its low 3 bits."""
+    return 1 << min(options & 7, MAX_LOG2_SIZE)
+
+
+def load_queue(memory: GuestMemory, provider, size: int) -> QueueConfig:
+    """Clear guest RAM and lay out one queue and the data area from the fuzzer's bytes."""
+    config = fixed_layout(size)
+    published = provider.ConsumeUInt(2)
+    ring = provider.ConsumeBytes(2 * size).ljust(2 * size, b"\0")
+    table = provider.ConsumeBytes(descriptor_table_size(size))
+    memory.view[:] = ZERO
+    memory.view[config.driver_area + 2:config.driver_area + 4 + 2 * size] = published.to_bytes(2, "little") + ring
+    memory.view[DESCRIPTOR_TABLE:DESCRIPTOR_TABLE + len(table)] = table
+    area = provider.ConsumeBytes(DATA_SIZE)
+    memory.view[DATA_ADDRESS:DATA_ADDRESS + len(area)] = area
+    return config
+
+
+def queue_bytes(memory: GuestMemory, config: QueueConfig) -> bytes:
+    """The queue part of an input, read back from what a fake driver wrote (for seeds)."""
+    avail = memory.read(config.driver_area + 2, 2 + 2 * config.size)
+    table = memory.read(config.descriptor_table, descriptor_table_size(config.size))
+    return avail + table + memory.read(DATA_ADDRESS, DATA_SIZE).rstrip(b"\0")
+
+
+class QueueWatch:
+    """Wraps a queue's pop and add_used, checking as each chain completes that the core
+    completes what it popped, in order, with a length its writable buffers can hold.
+
+    `on_complete(chain, length)` may check more; chain is None for a malformed chain.
+    """
+
+    def __init__(self, queue: SplitQueue, config: QueueConfig,
+                 on_complete: Callable[[Chain | None, int], None] = lambda c, n: None):
+        self.config = config
+        self.popped: list[tuple[int, Chain | None]] = []  # in pop order
+        self.completed = 0
+        pop, add_used = queue.pop, queue.add_used
+
+        def recording_pop():
+            try:
+                chain = pop()
+            except GuestError as error:
+                if error.head is not None:
+                    self.popped.append((error.head, None))
+                raise
+            if chain is not None:
+                self.popped.append((chain.head, chain))
+            return chain
+
+        def checking_add_used(head, length):
+            # Checked now: a later chain's buffers may overlap this one's.
+            expected_head, chain = self.popped[self.completed]
+            self.completed += 1
+            assert head == expected_head, "chains completed out of order"
+            assert 0 <= length <= (chain.writable_length if chain else 0), f"used length {length}"
+            on_complete(chain, length)
+            add_used(head, length)
+
+        queue.pop, queue.add_used = recording_pop, checking_add_used
+
+    def writable_ranges(self, base: int):
+        for _, chain in self.popped:
+            for view in chain.writable if chain else ():
+                if len(view):
+                    start = ctypes.addressof(ctypes.c_char.from_buffer(view)) - base
+                    yield start, start + len(view)
+
+
+def memory_base(memory: GuestMemory) -> int:
+    return ctypes.addressof(ctypes.c_char.from_buffer(memory.view))
+
+
+def check_device_run(memory: GuestMemory, before: bytes, watches: list[QueueWatch]) -> None:
+    """After a core ran: every popped chain was completed, and guest RAM changed only in
+    the popped chains' writable buffers and the queues' used rings."""
+    after = bytes(memory.view)
+    expected = bytearray(before)
+    base = memory_base(memory)
+    for watch in watches:
+        assert watch.completed == len(watch.popped), "a popped chain was never completed"
+        device_area = watch.config.device_area
+        end = device_area + device_area_size(watch.config.size)
+        expected[device_area:end] = after[device_area:end]
+        for start, stop in watch.writable_ranges(base):
+            expected[start:stop] = after[start:stop]
+    assert expected == after, "the device wrote outside the offered buffers"
