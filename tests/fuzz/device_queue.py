@@ -14,7 +14,9 @@ driver and snapshotted with `queue_bytes`.
 from __future__ import annotations
 
 import ctypes
-from typing import Callable
+import pathlib
+import sys
+from typing import Callable, Iterable
 
 from sandvmm.devices.virtio.queue import (
     Chain,
@@ -129,3 +131,35 @@ def check_device_run(memory: GuestMemory, before: bytes, watches: list[QueueWatc
         for start, stop in watch.writable_ranges(base):
             expected[start:stop] = after[start:stop]
     assert expected == after, "the device wrote outside the offered buffers"
+
+
+# ---- running a harness ---------------------------------------------------------------------
+
+Seeds = Callable[[], Iterable[tuple[str, bytes, dict]]]  # (name, input, counts its run must give)
+QUEUE_MAX_LEN = 2 + 18 * (1 << MAX_LOG2_SIZE) + DATA_SIZE  # the largest queue and its whole data area
+
+
+def make_corpus(corpus: pathlib.Path, seeds: Seeds, run: Callable[[bytes], dict]) -> None:
+    corpus.mkdir(parents=True, exist_ok=True)  # other files there (merged finds) are kept
+    for name, data, expected in seeds():
+        counts = run(data)
+        assert all(counts[key] == value for key, value in expected.items()), (name, counts)
+        (corpus / name).write_bytes(data)
+        print(f"{name}: {len(data)} bytes, {counts}")
+
+
+def harness_main(run: Callable[[bytes], dict], seeds: Seeds, corpus: pathlib.Path, header_bytes: int) -> None:
+    """A device harness's command line: libFuzzer's, or --make-corpus to (re)write its seeds."""
+    import atheris
+
+    if sys.argv[1:] == ["--make-corpus"]:
+        make_corpus(corpus, seeds, run)
+        return
+    argv = list(sys.argv)
+    if not any(arg.startswith("-max_len=") for arg in argv):
+        argv.append(f"-max_len={header_bytes + QUEUE_MAX_LEN}")
+
+    def test_one_input(data: bytes) -> None:
+        run(data)
+    atheris.Setup(argv, test_one_input)
+    atheris.Fuzz()

@@ -23,7 +23,6 @@ Input layout (little-endian; missing bytes read as zero, so any byte string is a
 """
 
 import pathlib
-import sys
 
 import atheris
 
@@ -35,7 +34,7 @@ with atheris.instrument_imports(include=["sandvmm.devices.block.core", "sandvmm.
 from sandvmm.memory import GuestMemory
 from tests.fuzz.device_queue import (
     DATA_ADDRESS, DATA_SIZE, DESCRIPTOR_TABLE, MAX_LOG2_SIZE, RAM_SIZE, QueueWatch, check_device_run, fixed_layout,
-    load_queue, queue_bytes, queue_size,
+    harness_main, load_queue, queue_bytes, queue_size,
 )
 
 DISK_SECTORS = 64
@@ -117,9 +116,6 @@ def run(data: bytes) -> dict:
     return counts
 
 
-def TestOneInput(data: bytes) -> None:
-    run(data)
-
 
 # ---- the seed corpus -----------------------------------------------------------------------
 
@@ -177,25 +173,5 @@ def seeds():
     yield "bad-chain-then-good", snapshot(driver, 0), {"bad chains": 1, "ok": 1}
 
 
-def make_corpus() -> None:
-    CORPUS.mkdir(parents=True, exist_ok=True)  # other files there (merged finds) are kept
-    for name, data, expected in seeds():
-        counts = run(data)
-        assert all(counts[key] == value for key, value in expected.items()), (name, counts)
-        (CORPUS / name).write_bytes(data)
-        print(f"{name}: {len(data)} bytes, {counts}")
-
-
-def main() -> None:
-    if sys.argv[1:] == ["--make-corpus"]:
-        make_corpus()
-        return
-    argv = list(sys.argv)
-    if not any(arg.startswith("-max_len=") for arg in argv):
-        argv.append(f"-max_len={8 + 18 * 16 + DATA_SIZE}")  # a 16-entry queue and its whole data area
-    atheris.Setup(argv, TestOneInput)
-    atheris.Fuzz()
-
-
 if __name__ == "__main__":
-    main()
+    harness_main(run, seeds, CORPUS, header_bytes=1)

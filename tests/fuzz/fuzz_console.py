@@ -23,7 +23,6 @@ Input layout (little-endian; missing bytes read as zero):
 """
 
 import pathlib
-import sys
 
 import atheris
 
@@ -38,7 +37,7 @@ with atheris.instrument_imports(include=["sandvmm.devices.console", "sandvmm.dev
 from sandvmm.devices.virtio.driver import FakeDriver
 from sandvmm.memory import GuestMemory
 from tests.fuzz.device_queue import (
-    DESCRIPTOR_TABLE, RAM_SIZE, QueueWatch, check_device_run, load_queue, queue_bytes, queue_size,
+    DESCRIPTOR_TABLE, RAM_SIZE, QueueWatch, check_device_run, harness_main, load_queue, queue_bytes, queue_size,
 )
 
 CORPUS = pathlib.Path(__file__).resolve().parent / "corpus" / "console"
@@ -111,9 +110,6 @@ def run(data: bytes) -> dict:
             "control replies": watches[QUEUES.index(CONTROL_RECEIVE_QUEUE)].completed}
 
 
-def TestOneInput(data: bytes) -> None:
-    run(data)
-
 
 # ---- the seed corpus -----------------------------------------------------------------------
 
@@ -150,25 +146,5 @@ def seeds():
     yield "control-receive", snapshot(driver, multiport | CONTROL_RECEIVE_QUEUE << 6), {"control replies": 4}
 
 
-def make_corpus() -> None:
-    CORPUS.mkdir(parents=True, exist_ok=True)
-    for name, data, expected in seeds():
-        counts = run(data)
-        assert all(counts[key] == value for key, value in expected.items()), (name, counts)
-        (CORPUS / name).write_bytes(data)
-        print(f"{name}: {len(data)} bytes, {counts}")
-
-
-def main() -> None:
-    if sys.argv[1:] == ["--make-corpus"]:
-        make_corpus()
-        return
-    argv = list(sys.argv)
-    if not any(arg.startswith("-max_len=") for arg in argv):
-        argv.append("-max_len=4096")
-    atheris.Setup(argv, TestOneInput)
-    atheris.Fuzz()
-
-
 if __name__ == "__main__":
-    main()
+    harness_main(run, seeds, CORPUS, header_bytes=2)
