@@ -168,10 +168,17 @@ class Machine:
         self.end(Outcome({"shutdown": "poweroff", "crash": "panic"}.get(kind, kind), detail=detail))
 
     def end(self, outcome: Outcome) -> None:
-        """Record how the VM ended (the first report wins) and wake whoever waits."""
+        """Record how the VM ended (the first report wins), halt the vCPUs and wake whoever waits.
+
+        Halting here, and not when main wakes up, keeps the guest from running on past its
+        end: after init reports its status it powers off, and the kernel's "Power down"
+        line would reach the console behind the command's output.
+        """
         with self._lock:
             if self._outcome is None:
                 self._outcome = outcome
+        for thread in getattr(self, "vcpus", ()):
+            thread.stop()
         self._ended.set()
 
     def start(self) -> None:
