@@ -3,7 +3,10 @@
 The guest image needs fio, built on the host first (the lab has no network):
 
     sandvmm image build --with fio
-    sandvmm lab -- python3 benchmarks/block_fio.py
+    sandvmm lab --cpus 2 -- python3 benchmarks/block_fio.py
+
+(With one lab vCPU, the guest and both VMMs share one emulated CPU; two are closer to a
+desktop, where a device child runs beside the vCPU. docs/devices/block.md has figures for both.)
 
 Each job runs with sandvmm, then with QEMU (q35, virtio-blk-pci, the same raw image file,
 host page cache in both), and the table gives MB/s and IOPS side by side with the ratio.
