@@ -9,6 +9,7 @@ boot_params. Offsets below are those of Documentation/arch/x86/boot.rst and zero
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,7 @@ PAGE = 4096
 @dataclass(frozen=True)
 class BzImage:
     setup_header: bytes  # from offset 0x1f1 to the header's end, copied into boot_params
-    kernel: bytes  # the protected-mode part
+    kernel: memoryview  # the protected-mode part (a view: it is copied once, into guest RAM)
     protocol: int
     initrd_addr_max: int
     cmdline_size: int
@@ -56,8 +57,8 @@ class BzImage:
             raise fail("it has no 64-bit entry point")
         setup_sectors = data[0x1F1] or 4
         header_end = 0x202 + data[0x201]
-        kernel = data[(setup_sectors + 1) * 512:]
-        if not kernel:
+        kernel = memoryview(data)[(setup_sectors + 1) * 512:]
+        if not len(kernel):
             raise fail("it is truncated")
         return cls(
             setup_header=data[0x1F1:header_end],
@@ -89,7 +90,24 @@ def place_initrd(memory: GuestMemory, size: int, kernel_end: int, addr_max: int)
     return address
 
 
-def load_linux(memory: GuestMemory, image: BzImage, cmdline: str, initrd: bytes | None,
+def _read_initrd_into(memory: GuestMemory, path: Path, kernel_end: int, addr_max: int) -> tuple[int, int]:
+    """Read the initrd file straight into guest RAM, as high as it may go; (address, size)."""
+    try:
+        with open(path, "rb", buffering=0) as file:
+            size = os.fstat(file.fileno()).st_size
+            address = place_initrd(memory, size, kernel_end, addr_max)
+            target = memory.slice(address, size)
+            done = 0
+            while done < size and (count := file.readinto(target[done:])):
+                done += count
+    except OSError as error:
+        raise UserError(f"cannot read initrd {path}: {error.strerror}", status=2) from None
+    if done != size:
+        raise UserError(f"initrd {path} changed while it was read", status=2)
+    return address, size
+
+
+def load_linux(memory: GuestMemory, image: BzImage, cmdline: str, initrd: Path | None,
                rsdp_address: int) -> int:
     """Put kernel, initrd, command line, boot_params and page tables in guest RAM.
 
@@ -112,10 +130,8 @@ def load_linux(memory: GuestMemory, image: BzImage, cmdline: str, initrd: bytes 
     params[0x211] |= LOADED_HIGH
     struct.pack_into("<I", params, 0x228, CMDLINE_ADDRESS)
     struct.pack_into("<Q", params, 0x070, rsdp_address)
-    if initrd:
-        initrd_address = place_initrd(memory, len(initrd), kernel_end, image.initrd_addr_max)
-        memory.write(initrd_address, initrd)
-        struct.pack_into("<II", params, 0x218, initrd_address, len(initrd))
+    if initrd is not None:
+        struct.pack_into("<II", params, 0x218, *_read_initrd_into(memory, initrd, kernel_end, image.initrd_addr_max))
     entries = e820_map(memory.size)
     params[0x1E8] = len(entries)
     for index, entry in enumerate(entries):

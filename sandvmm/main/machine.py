@@ -127,8 +127,7 @@ class Machine:
         tables, rsdp = acpi.build_tables(acpi.AcpiConfig(cpus=config.cpus, pm_base=PM_PORT,
                                                          ecam=(ECAM_BASE, 0, 0), dsdt_extra=dsdt), ACPI_ADDRESS)
         self.memory.write(ACPI_ADDRESS, tables)
-        initrd = self._read_initrd()
-        entry = load_linux(self.memory, config.kernel, config.cmdline, initrd, rsdp)
+        entry = load_linux(self.memory, config.kernel, config.cmdline, config.initrd, rsdp)
 
         supported = self.kvm.supported_cpuid()
         self.vcpus: list[VcpuThread] = []
@@ -146,14 +145,6 @@ class Machine:
             proxy = self.devices.launch(spec, self.memory, lambda channels: DeviceProxy(
                 spec.name, self.vm, routing, channels, intx_gsi(slot)))
             self.pci.add(proxy, slot)
-
-    def _read_initrd(self) -> bytes | None:
-        if self.config.initrd is None:
-            return None
-        try:
-            return self.config.initrd.read_bytes()
-        except OSError as error:
-            raise UserError(f"cannot read initrd {self.config.initrd}: {error.strerror}", status=2) from None
 
     def _pulse_irq(self, irq: int) -> None:
         # ISA interrupts are edge-triggered: a rising edge is one interrupt.

@@ -37,22 +37,41 @@ def test_guest_memory_refuses_ranges_outside_ram():
         memory.close()
 
 
-def test_the_default_kernel_loads_with_boot_params_filled_in():
+def test_the_default_kernel_loads_with_boot_params_filled_in(tmp_path):
     image = ensure_image()
     kernel = read_kernel(image.kernel)
     assert kernel.protocol >= 0x020C
     memory = GuestMemory(512 * MiB)
     try:
-        initrd = b"\x07" * 4096
-        entry = load_linux(memory, kernel, "console=ttyS0", initrd, rsdp_address=0xE0000)
+        initrd = bytes(range(256)) * 4096 + b"end"
+        (tmp_path / "initrd").write_bytes(initrd)
+        entry = load_linux(memory, kernel, "console=ttyS0", tmp_path / "initrd", rsdp_address=0xE0000)
         params = memory.read(BOOT_PARAMS_ADDRESS, 4096)
         ramdisk_image, ramdisk_size = struct.unpack_from("<II", params, 0x218)
-        assert ramdisk_size == 4096 and memory.read(ramdisk_image, 4096) == initrd
+        assert ramdisk_size == len(initrd) and memory.read(ramdisk_image, len(initrd)) == initrd
+        assert ramdisk_image % 4096 == 0
         assert ramdisk_image + ramdisk_size <= min(kernel.initrd_addr_max + 1, 512 * MiB)
         assert params[0x1E8] == len(e820_map(512 * MiB))
         assert struct.unpack_from("<Q", params, 0x070)[0] == 0xE0000
         assert entry == 0x1000000 + 0x200
         assert memory.read(0x1000000, 64) == kernel.kernel[:64]
+    finally:
+        memory.close()
+
+
+def test_an_initrd_that_does_not_fit_or_cannot_be_read_is_a_usage_error(tmp_path):
+    kernel = read_kernel(ensure_image().kernel)
+    memory = GuestMemory(128 * MiB)
+    try:
+        big = tmp_path / "big"
+        with open(big, "wb") as file:
+            file.truncate(120 * MiB)
+        with pytest.raises(UserError, match="does not fit") as error:
+            load_linux(memory, kernel, "", big, rsdp_address=0xE0000)
+        assert error.value.status == 2
+        with pytest.raises(UserError, match="cannot read initrd") as error:
+            load_linux(memory, kernel, "", tmp_path, rsdp_address=0xE0000)  # a directory
+        assert error.value.status == 2
     finally:
         memory.close()
 
