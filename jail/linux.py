@@ -10,6 +10,7 @@ import ctypes
 import math
 import os
 import select
+import sys
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -180,3 +181,18 @@ def wait_readable(fd: int, timeout: float | None) -> bool:
     poller = select.poll()
     poller.register(fd, select.POLLIN)
     return bool(poller.poll(None if timeout is None else math.ceil(max(0.0, timeout) * 1000)))
+
+
+def close_fds_except(keep: frozenset[int]) -> None:
+    """Close every fd not in keep (and drop Python's std streams whose fds go)."""
+    # Python objects still wrapping closed std streams must not write to whatever
+    # fd later reuses the number.
+    for fd, name in ((0, "stdin"), (1, "stdout"), (2, "stderr")):
+        if fd not in keep:
+            setattr(sys, name, None)
+    low = 0
+    for fd in sorted(keep):
+        if low < fd:  # never an empty range: closerange(0, 0) is close_range(0, ~0), every fd
+            os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, 1 << 20)

@@ -366,7 +366,7 @@ def _jail_self(plan: _Plan, sock: socket.socket, user_namespace: bool) -> None:
     with _step("start a new session"):
         os.setsid()  # no controlling terminal: no job-control signals, no TIOCSTI
     with _step("close inherited file descriptors"):
-        close_fds_except(plan.keep_fds | {sock.fileno()})
+        linux.close_fds_except(plan.keep_fds | {sock.fileno()})
     # With the caller's uid still (for root: an owner's access, but no capability
     # outside our user namespace), so that root can bind paths only it can reach.
     with _step("open a bind mount source"):
@@ -398,21 +398,6 @@ def _jail_self(plan: _Plan, sock: socket.socket, user_namespace: bool) -> None:
         socket.send_fds(sock, [b"R"], [listener])
         os.close(listener)
     sock.close()
-
-
-def close_fds_except(keep: frozenset[int]) -> None:
-    """Close every fd not in keep (and drop Python's std streams whose fds go)."""
-    # Python objects still wrapping closed std streams must not write to whatever
-    # fd later reuses the number.
-    for fd, name in ((0, "stdin"), (1, "stdout"), (2, "stderr")):
-        if fd not in keep:
-            setattr(sys, name, None)
-    low = 0
-    for fd in sorted(keep):
-        if low < fd:  # os.closerange(n, n) would close every fd from n up
-            os.closerange(low, fd)
-        low = fd + 1
-    os.closerange(low, 1 << 20)
 
 
 def _run_target(name: str, target: Callable[[], int | None], stderr_kept: bool) -> int:
