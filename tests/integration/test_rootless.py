@@ -15,6 +15,8 @@ import tempfile
 import pytest
 
 import jail  # noqa: F401 -- imported before the switch, like everything below
+import jail.sandbox  # noqa: F401 -- (jail loads these on first use)
+import jail.seccomp  # noqa: F401
 import sandvmm.cli
 import sandvmm.devices.console.core  # noqa: F401
 import sandvmm.devices.rng.backend  # noqa: F401
