@@ -81,6 +81,7 @@ class Machine:
         self.config = config
         self._outcome: Outcome | None = None
         self._ended = threading.Event()
+        self.on_end: Callable[[], None] = lambda: None  # also told when the VM ends (from any thread)
         self._lock = threading.Lock()
         self.kvm = kvm.Kvm(kvm_device)
         self.vm = self.kvm.create_vm()
@@ -171,6 +172,7 @@ class Machine:
         for thread in getattr(self, "vcpus", ()):
             thread.stop()
         self._ended.set()
+        self.on_end()
 
     def start(self) -> None:
         self.devices.start()

@@ -276,6 +276,8 @@ def _supervise(machine: Machine, interactive: bool, control: socket.socket | Non
                 saved_tty = termios.tcgetattr(stdin_fd)
                 tty.setraw(stdin_fd)
             selector.register(stdin_fd, selectors.EVENT_READ)
+        # Woken by the machine's end like by a signal: no polling while the guest runs.
+        machine.on_end = lambda: _wake(wake_write)
         machine.start()
         pending = b""  # console input the UART had no room for yet
         while True:
@@ -288,7 +290,7 @@ def _supervise(machine: Machine, interactive: bool, control: socket.socket | Non
                 pending = pending[machine.serial.feed(pending):]
                 if not pending:
                     selector.register(stdin_fd, selectors.EVENT_READ)
-            for key, _ in selector.select(timeout=0.05):
+            for key, _ in selector.select(timeout=0.05 if pending else None):
                 if key.fd == wake_read:
                     os.read(wake_read, 4096)
                     continue
@@ -302,6 +304,7 @@ def _supervise(machine: Machine, interactive: bool, control: socket.socket | Non
                 if pending or not data:  # stop reading until the guest catches up, or for good at EOF
                     selector.unregister(stdin_fd)
     finally:
+        machine.on_end = lambda: None  # the pipe closes below
         machine.stop()
         if saved_tty is not None:
             termios.tcsetattr(stdin_fd, termios.TCSADRAIN, saved_tty)
@@ -313,6 +316,11 @@ def _supervise(machine: Machine, interactive: bool, control: socket.socket | Non
         os.close(wake_write)
 
 
+def _wake(fd: int) -> None:
+    try:
+        os.write(fd, b"\0")
+    except OSError:  # full (a wakeup is already pending) or closed (we are done)
+        pass
 
 
 def _exit_status(outcome: Outcome) -> int:
