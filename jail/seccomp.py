@@ -92,7 +92,7 @@ def compile_program(policy: Policy, violation_action: str, timeout: float = 5.0)
     """The policy as a classic-BPF program (struct sock_filter[]) for seccomp(2).
 
     libseccomp 2.5.4 never returns from seccomp_rule_add() for some rule sets, e.g.
-    `getpid: arg5 == 0x80 && arg4 < 1 || arg5 == 0x100000000 && arg4 < 1` (constants
+    `getpid: arg5 == 0x80 && arg4 != 1 || arg5 == 0x100000000 && arg4 != 1` (constants
     above 32 bits in one argument, a non-== test of another). So the rules are added
     in a short-lived forked process that reports each rule before adding it; a compile
     that takes longer than `timeout` seconds becomes a PolicyError naming the rule.
@@ -191,6 +191,7 @@ def _add_rule(flt: pyseccomp.SyscallFilter, rule: Rule) -> None:
     if not rule.clauses:
         flt.add_rule(pyseccomp.ALLOW, number)
         return
+    _check_ordered_tests(rule)
     for clause in rule.clauses:
         for args in _clause_args(clause, rule):
             try:
@@ -198,6 +199,25 @@ def _add_rule(flt: pyseccomp.SyscallFilter, rule: Rule) -> None:
             except OSError as e:
                 raise PolicyError(f"{rule.origin}: libseccomp rejects '{clause}': "
                                   f"{e.strerror}") from None
+
+
+_ORDERED = ("<", "<=", ">", ">=")
+
+
+def _check_ordered_tests(rule: Rule) -> None:
+    """Refuse what libseccomp 2.5 compiles wrongly instead of loading a filter that lies.
+
+    Two '||' clauses each with an ordered test (<, <=, >, >=) of the same argument come
+    out of libseccomp denying calls the rule allows (e.g. `arg2 < 5 || arg2 < 0x100000000`
+    denies arg2 = 7), found by tests/jail/test_seccomp.py's kernel-verdict property.
+    """
+    tested: set[int] = set()
+    for clause in rule.clauses:
+        ordered = {c.arg for c in clause.comparisons if c.op in _ORDERED}
+        for arg in sorted(ordered & tested):
+            raise PolicyError(f"{rule.origin}: libseccomp miscompiles ordered tests (<, <=, >, >=) of "
+                              f"arg{arg} in more than one '||' clause; merge them into one")
+        tested |= ordered
 
 
 def _clause_args(clause: Clause, rule: Rule) -> list[tuple[pyseccomp.Arg, ...]]:
