@@ -125,6 +125,8 @@ class DescribeDevice:
 class DeviceDescription:
     name: str
     bars: list  # [[index, size, is_64bit, prefetchable], ...]
+    header: bytes = b""  # the configuration header (256 bytes), for main to answer reads from
+    volatile: list = ()  # [[register, length], ...] of the header that main must still ask for
 
 
 @message
@@ -135,6 +137,7 @@ class ConfigRead:
 
 @message
 class ConfigWrite:
+    """Answered with Data: the whole header after the write, to refresh main's mirror."""
     register: int
     data: bytes
 

@@ -1,8 +1,10 @@
 """Main's side of one device child: a PCI function whose registers live in another process.
 
-The proxy sits on the PCI root like any function. Configuration-space and BAR accesses
-(setup-time traffic: the data path never comes here) become synchronous requests on the
-child's config channel. The child's own requests arrive on its irq and memory channels and
+The proxy sits on the PCI root like any function. Configuration-space writes and BAR
+accesses (setup-time traffic: the data path never comes here) become synchronous requests on
+the child's config channel. Configuration-space reads, most of the guest's PCI scan, are
+answered from a mirror of the header that the child sends at startup and after each write;
+only the registers it marks volatile are still asked for. The child's own requests arrive on its irq and memory channels and
 are served by the supervisor thread through `serve_irq` / `serve_memory`; each channel can
 only ask for what its privilege allows (routes for the child's own vectors; ioeventfds
 inside the child's own BARs).
@@ -68,6 +70,8 @@ class DeviceProxy:
     routed: set[int] = field(default_factory=set)
     ioevents: list[Ioevents] = field(default_factory=list)
     owned_fds: list[int] = field(default_factory=list)
+    header: bytes = b""  # the child's configuration header, as of its last write
+    volatile: list[tuple[int, int]] = field(default_factory=list)  # (register, length) to ask for
     on_gone: object = None  # callable(name) -> None, set by the machine
 
     # --- startup (synchronous, before any vCPU runs) -----------------------------------
@@ -79,6 +83,8 @@ class DeviceProxy:
                 raise protocol.ProtocolError(f"unexpected {type(description).__name__}")
             self.bars = [BarSpec(index, size, bool(is64), bool(prefetch))
                          for index, size, is64, prefetch in description.bars]
+            self.header = bytes(description.header)
+            self.volatile = [(register, length) for register, length in description.volatile]
             self.serve_irq()
             self.serve_memory()
         except (OSError, EOFError, ValueError, protocol.ProtocolError) as error:
@@ -152,10 +158,19 @@ class DeviceProxy:
             pass
 
     def config_read(self, register: int, size: int) -> bytes:
+        end = register + size
+        if end <= len(self.header) and not any(start < end and register < start + length
+                                               for start, length in self.volatile):
+            return self.header[register:end]
         return self._read(protocol.ConfigRead(register, size), size)
 
     def config_write(self, register: int, data: bytes) -> None:
-        self._write(protocol.ConfigWrite(register, bytes(data)))
+        try:
+            header = self._call(protocol.ConfigWrite(register, bytes(data)))
+        except DeviceGone:
+            return
+        if len(header) == len(self.header):
+            self.header = header
 
     def bar_read(self, index: int, offset: int, size: int) -> bytes:
         return self._read(protocol.BarRead(index, offset, size), size)

@@ -85,7 +85,9 @@ class DeviceShell:
         if not isinstance(request, protocol.DescribeDevice):
             raise protocol.ProtocolError(f"expected DescribeDevice, got {type(request).__name__}")
         bar = [virtio_pci.BAR_INDEX, virtio_pci.BAR_SIZE, 1, 0]
-        await self._send(self.config, protocol.DeviceDescription(self.core.name, [bar]))
+        volatile = [list(register) for register in virtio_pci.VOLATILE_REGISTERS]
+        await self._send(self.config, protocol.DeviceDescription(self.core.name, [bar], self.transport.header(),
+                                                                 volatile))
         await self._call(self.irq, protocol.RegisterIrqfds(len(self.vectors)),
                          self.vectors + [self.intx, self.resample])
         offsets = [self.transport.notify_offset(index) for index in range(len(self.kicks))]
@@ -111,7 +113,7 @@ class DeviceShell:
                 reply = protocol.Data(self.transport.bar_read(request.bar, request.offset, request.size))
             elif isinstance(request, protocol.ConfigWrite):
                 await self._apply(self.transport.config_write(request.register, request.data))
-                reply = protocol.Reply(ok=True)
+                reply = protocol.Data(self.transport.header())
             elif isinstance(request, protocol.BarWrite):
                 await self._apply(self.transport.bar_write(request.bar, request.offset, request.data))
                 reply = protocol.Reply(ok=True)

@@ -66,6 +66,10 @@ VIRTIO_PCI_CAP_COMMON_CFG, VIRTIO_PCI_CAP_NOTIFY_CFG, VIRTIO_PCI_CAP_ISR_CFG = 1
 VIRTIO_PCI_CAP_DEVICE_CFG, VIRTIO_PCI_CAP_PCI_CFG = 4, 5
 # PCI class codes (class, subclass, prog-if) by virtio device id, as QEMU and crosvm present them.
 CLASS_OTHER = 0xFF0000  # "device does not fit any defined class"
+# Header registers whose value changes without a configuration write (the interrupt bit of
+# STATUS follows the ISR; a pci_cfg data read fetches from the BAR). Main mirrors the rest of
+# the header and answers reads itself: the guest's PCI scan never waits on this process.
+VOLATILE_REGISTERS = ((STATUS, 2), (PCI_CFG_DATA, 4))
 CLASS_CODES = {1: 0x020000, 2: 0x010000, 3: 0x078000, 8: 0x010000, 9: 0x018000, 16: 0x038000,
                18: 0x098000, 19: 0x078000, 25: 0x040100, 26: 0x018000}
 
@@ -373,6 +377,10 @@ class VirtioPciTransport:
         return [FirePending(vector) for vector in self._msix.take_unmasked_pending()]
 
     # --- configuration space ------------------------------------------------------------------
+    def header(self) -> bytes:
+        """The 256-byte header as written so far: main's mirror, right outside VOLATILE_REGISTERS."""
+        return bytes(self._config)
+
     def config_read(self, offset: int, size: int) -> bytes:
         if not 0 <= size <= CONFIG_SPACE_SIZE:
             return b""

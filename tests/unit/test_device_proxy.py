@@ -1,0 +1,87 @@
+"""Main's proxy of a device child, against a real (unjailed) child on the host: no KVM needed."""
+
+import os
+import struct
+
+import pytest
+
+from sandvmm import protocol
+from sandvmm.devices.rng.core import RngCore
+from sandvmm.devices.virtio import shell
+from sandvmm.devices.virtio import transport as virtio_pci
+from sandvmm.main.device_proxy import Channels, DeviceProxy
+from sandvmm.main.devices import ForkedProcess
+from sandvmm.main.interrupts import IrqRouting
+from sandvmm.memory import MiB, GuestMemory
+
+
+class FakeVm:
+    """Records what the proxy asks of KVM."""
+
+    def __init__(self):
+        self.irqfds = []
+
+    def irqfd(self, fd, gsi, resample_fd=None):
+        self.irqfds.append(gsi)
+
+
+@pytest.fixture
+def proxy(monkeypatch):
+    memory = GuestMemory(4 * MiB)
+    parent, child = Channels.pairs()
+    process = ForkedProcess(lambda: shell.serve(RngCore(os.urandom), memory, child.fds()), child.fds())
+    child.close()
+    vm = FakeVm()
+    device = DeviceProxy("rng", vm, IrqRouting(vm), parent, intx_gsi=16)
+    device.start()
+    calls = []
+    real_call = protocol.call
+    monkeypatch.setattr(protocol, "call", lambda sock, msg, fds=(): calls.append(msg) or real_call(sock, msg, fds))
+    device.calls, device.process = calls, process
+    yield device
+    device.close()
+    process.kill()
+    try:
+        os.waitpid(process.pid, 0)
+    except ChildProcessError:
+        pass  # the test reaped it
+    process.close()
+    memory.close()
+
+
+def test_header_reads_are_answered_by_main_except_volatile_registers(proxy):
+    expected = virtio_pci.VirtioPciTransport(RngCore(os.urandom)).header()
+    volatile = {register + n for register, length in virtio_pci.VOLATILE_REGISTERS for n in range(length)}
+    for size in (1, 2, 4):
+        for register in range(0, 256, size):
+            if volatile & set(range(register, register + size)):
+                continue
+            assert proxy.config_read(register, size) == expected[register:register + size]
+    assert proxy.calls == []  # a whole scan of the header, and the child was never asked
+    assert struct.unpack("<H", proxy.config_read(virtio_pci.STATUS, 2))[0] & virtio_pci.STATUS_CAPABILITIES
+    assert proxy.config_read(0x100, 4) == bytes(4)  # past the header: the child answers
+    assert [type(call).__name__ for call in proxy.calls] == ["ConfigRead", "ConfigRead"]
+
+
+def test_writes_reach_the_child_and_refresh_the_mirror(proxy):
+    proxy.config_write(virtio_pci.COMMAND, struct.pack("<H", 0xFFFF))  # only writable bits stick
+    command = virtio_pci.COMMAND_IO | virtio_pci.COMMAND_MEMORY | virtio_pci.COMMAND_BUS_MASTER \
+        | virtio_pci.COMMAND_INTX_DISABLE
+    assert proxy.config_read(virtio_pci.COMMAND, 2) == struct.pack("<H", command)
+    proxy.config_write(virtio_pci.CAP_MSIX_CONTROL, struct.pack("<H", virtio_pci.MSIX_ENABLE))
+    control = struct.unpack("<H", proxy.config_read(virtio_pci.CAP_MSIX_CONTROL, 2))[0]
+    assert control & virtio_pci.MSIX_ENABLE and control & 0x7FF == 1  # enabled; two vectors (table size - 1)
+    proxy.config_write(virtio_pci.CAPABILITIES_POINTER, b"\x00")  # read-only: the mirror keeps the chain
+    assert proxy.config_read(virtio_pci.CAPABILITIES_POINTER, 1) == bytes([virtio_pci.CAP_MSIX])
+    assert [type(call).__name__ for call in proxy.calls] == ["ConfigWrite"] * 3  # the reads asked nothing
+
+
+def test_a_dead_child_reads_as_all_ones_where_asked_and_keeps_its_mirror(proxy):
+    gone = []
+    proxy.on_gone = lambda name, why: gone.append(name)
+    proxy.process.kill()
+    os.waitpid(proxy.process.pid, 0)
+    assert proxy.config_read(virtio_pci.STATUS, 2) == b"\xff\xff"
+    assert gone == ["rng"]
+    assert proxy.config_read(0, 2) == struct.pack("<H", virtio_pci.VIRTIO_VENDOR_ID)
+    proxy.config_write(virtio_pci.COMMAND, b"\x00\x00")  # no exception: the VM is being stopped anyway
