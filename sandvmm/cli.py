@@ -113,7 +113,7 @@ def build_parser() -> Parser:
                        help="add Debian packages (and the libraries they need) to the guest")
     build.add_argument("--refresh", action="store_true", help="check the registry for newer package versions")
     path = image_commands.add_parser("path", help="print the path of one of the image's files")
-    path.add_argument("file", choices=["kernel", "initrd", "lab-initrd"])
+    path.add_argument("file", choices=["kernel", "vmlinux", "initrd", "lab-initrd"])
     path.add_argument("--with", dest="extra", type=_package_list, default=[], metavar="PKG,...")
 
     run = commands.add_parser("run", help="boot a guest; with -- CMD, run CMD in the default guest and exit with its status")
@@ -180,7 +180,8 @@ def run(args: argparse.Namespace) -> int:
         if image is None:
             with_flag = f" --with {','.join(args.extra)}" if args.extra else ""
             raise UserError("no guest image has been built yet", hint=f"run `sandvmm image build{with_flag}`")
-        print({"kernel": image.kernel, "initrd": image.initrd, "lab-initrd": image.lab_initrd}[args.file])
+        print({"kernel": image.kernel, "vmlinux": image.vmlinux, "initrd": image.initrd,
+               "lab-initrd": image.lab_initrd}[args.file])
         return 0
     if args.subcommand == "run":
         import logging

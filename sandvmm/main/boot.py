@@ -1,10 +1,15 @@
-"""The Linux x86 boot protocol: load a bzImage and its initrd, fill boot_params, enter at 64 bits.
+"""The Linux x86 boot protocol: load a kernel and its initrd, fill boot_params, enter at 64 bits.
 
-We skip the kernel's real-mode setup code entirely and jump to the 64-bit entry point
-(startup_64, 0x200 past the protected-mode kernel), which the boot protocol allows since
-2.12 when the loader provides: long mode with an identity map covering the kernel,
-boot_params and the command line; a GDT with flat __BOOT_CS/__BOOT_DS; %rsi pointing at
-boot_params. Offsets below are those of Documentation/arch/x86/boot.rst and zero-page.rst.
+Two kinds of kernel file boot the same way:
+- a bzImage: we skip its real-mode setup code and jump to the 64-bit entry point of its
+  protected-mode part (startup_64, 0x200 in), which decompresses the kernel inside the guest;
+- an uncompressed ELF vmlinux (what crosvm and Firecracker boot): its segments go straight to
+  their physical addresses and we jump to its own startup_64, the ELF entry point. Nothing is
+  decompressed in the guest; the default guest image keeps one, extracted when it is built.
+The boot protocol allows both since 2.12 when the loader provides: long mode with an identity
+map covering the kernel, boot_params and the command line; a GDT with flat __BOOT_CS/__BOOT_DS;
+%rsi pointing at boot_params. Offsets below are those of Documentation/arch/x86/boot.rst and
+zero-page.rst.
 """
 
 from __future__ import annotations
@@ -30,6 +35,11 @@ MIN_PROTOCOL = 0x020C  # 2.12: 64-bit entry point and xloadflags
 XLF_KERNEL_64 = 1 << 0
 LOADED_HIGH = 1 << 0
 PAGE = 4096
+LOW_BOOT_AREA_END = 0x100000  # our boot structures and the BIOS area: no kernel segment below
+# For a vmlinux, which has no setup header of its own: the values x86-64 kernels declare.
+ELF_INITRD_ADDR_MAX = 0x7FFFFFFF
+ELF_CMDLINE_SIZE = 2047  # COMMAND_LINE_SIZE - 1
+ELF_MAGIC, ELFCLASS64, ELFDATA2LSB, EM_X86_64, PT_LOAD = b"\x7fELF", 2, 1, 62, 1
 
 
 @dataclass(frozen=True)
@@ -42,11 +52,22 @@ class BzImage:
     init_size: int
     pref_address: int
 
+    @property
+    def payload(self) -> memoryview:
+        """The compressed vmlinux inside (payload_offset/length, protocol 2.08)."""
+        offset, length = struct.unpack_from("<II", self.setup_header, 0x248 - 0x1F1)
+        return self.kernel[offset:offset + length]
+
+    @property
+    def end(self) -> int:
+        """The top of what the kernel occupies at KERNEL_ADDRESS while it boots (init_size)."""
+        return KERNEL_ADDRESS + max(self.init_size, len(self.kernel))
+
     @classmethod
     def parse(cls, data: bytes, path: str = "kernel") -> BzImage:
         def fail(why: str) -> UserError:
             return UserError(f"{path} is not a bootable x86-64 bzImage: {why}",
-                             hint="pass a Linux bzImage (e.g. /boot/vmlinuz-*) with --kernel", status=2)
+                             hint="pass a Linux bzImage (e.g. /boot/vmlinuz-*) or vmlinux with --kernel", status=2)
 
         if len(data) < 0x1000 or data[0x1FE:0x200] != b"\x55\xaa" or data[0x202:0x206] != b"HdrS":
             raise fail("no Linux boot header")
@@ -71,9 +92,81 @@ class BzImage:
         )
 
 
-def read_kernel(path: Path) -> BzImage:
+@dataclass(frozen=True)
+class Segment:
+    address: int  # guest-physical (p_paddr)
+    file_offset: int
+    file_size: int
+    memory_size: int  # past file_size: zeros, which fresh guest RAM already is
+
+
+@dataclass(frozen=True)
+class ElfKernel:
+    path: Path
+    entry: int
+    segments: tuple[Segment, ...]
+    initrd_addr_max: int = ELF_INITRD_ADDR_MAX
+    cmdline_size: int = ELF_CMDLINE_SIZE
+
+    @property
+    def end(self) -> int:
+        return max(segment.address + segment.memory_size for segment in self.segments)
+
+    @classmethod
+    def parse(cls, header: bytes, file_size: int, path: Path) -> ElfKernel:
+        """From the file's first bytes (ELF header and program headers): checked, not yet loaded."""
+        def fail(why: str) -> UserError:
+            return UserError(f"{path} is not a bootable x86-64 vmlinux: {why}",
+                             hint="pass a Linux bzImage or an uncompressed vmlinux with --kernel", status=2)
+
+        if len(header) < 64 or header[4] != ELFCLASS64 or header[5] != ELFDATA2LSB:
+            raise fail("not a 64-bit little-endian ELF file")
+        machine, = struct.unpack_from("<H", header, 0x12)
+        entry, table, = struct.unpack_from("<QQ", header, 0x18)
+        entry_size, count = struct.unpack_from("<HH", header, 0x36)
+        if machine != EM_X86_64:
+            raise fail(f"built for ELF machine {machine}, not x86-64")
+        if entry_size < 56 or table + entry_size * count > len(header):
+            raise fail("its program headers are missing or truncated")
+        segments = []
+        for index in range(count):
+            kind, _, offset, _, address, size, memory_size = struct.unpack_from("<IIQQQQQ", header, table + index * entry_size)
+            if kind != PT_LOAD:
+                continue
+            if size > memory_size or offset + size > file_size or address < LOW_BOOT_AREA_END:
+                raise fail(f"segment {index} lies outside the file or below 1 MiB")
+            segments.append(Segment(address, offset, size, memory_size))
+        if not any(s.address <= entry < s.address + s.memory_size for s in segments):
+            raise fail(f"its entry point {entry:#x} is in no loadable segment")
+        return cls(path, entry, tuple(segments))
+
+    def load(self, memory: GuestMemory) -> None:
+        """Each segment straight from the file into guest RAM."""
+        try:
+            with open(self.path, "rb", buffering=0) as file:
+                for segment in self.segments:
+                    target = memory.slice(segment.address, segment.file_size)
+                    file.seek(segment.file_offset)
+                    done = 0
+                    while done < segment.file_size and (count := file.readinto(target[done:])):
+                        done += count
+                    if done != segment.file_size:
+                        raise UserError(f"kernel {self.path} changed while it was read", status=2)
+        except OSError as error:
+            raise UserError(f"cannot read kernel {self.path}: {error.strerror}", status=2) from None
+
+
+Kernel = BzImage | ElfKernel
+ELF_HEADERS_READ = 64 * 1024  # the ELF header and program headers of any vmlinux fit
+
+
+def read_kernel(path: Path) -> Kernel:
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as file:
+            head = file.read(ELF_HEADERS_READ)
+            if head.startswith(ELF_MAGIC):
+                return ElfKernel.parse(head, os.fstat(file.fileno()).st_size, path)
+            data = head + file.read()
     except OSError as error:
         raise UserError(f"cannot read kernel {path}: {error.strerror}", status=2) from None
     return BzImage.parse(data, str(path))
@@ -107,7 +200,7 @@ def _read_initrd_into(memory: GuestMemory, path: Path, kernel_end: int, addr_max
     return address, size
 
 
-def load_linux(memory: GuestMemory, image: BzImage, cmdline: str, initrd: Path | None,
+def load_linux(memory: GuestMemory, image: Kernel, cmdline: str, initrd: Path | None,
                rsdp_address: int) -> int:
     """Put kernel, initrd, command line, boot_params and page tables in guest RAM.
 
@@ -117,15 +210,25 @@ def load_linux(memory: GuestMemory, image: BzImage, cmdline: str, initrd: Path |
     if len(encoded) > min(image.cmdline_size + 1, BOOT_PARAMS_ADDRESS):
         raise UserError(f"the kernel command line is {len(encoded)} bytes; this kernel takes "
                         f"{image.cmdline_size}", status=2)
-    load_address = KERNEL_ADDRESS
-    kernel_end = load_address + max(image.init_size, len(image.kernel))
+    kernel_end = image.end
     if kernel_end > memory.regions[0].end:
         raise UserError(f"the kernel needs {kernel_end >> 20} MiB of low memory", hint="give the guest more --mem", status=2)
-    memory.write(load_address, image.kernel)
+    params = bytearray(PAGE)
+    if isinstance(image, ElfKernel):
+        image.load(memory)
+        entry_point = image.entry
+        # No setup header to copy: the fields a booting kernel reads from one.
+        struct.pack_into("<H", params, 0x1FE, 0xAA55)
+        params[0x202:0x206] = b"HdrS"
+        struct.pack_into("<H", params, 0x206, MIN_PROTOCOL)
+        struct.pack_into("<I", params, 0x22C, image.initrd_addr_max)
+        struct.pack_into("<I", params, 0x238, image.cmdline_size)
+    else:
+        memory.write(KERNEL_ADDRESS, image.kernel)
+        entry_point = KERNEL_ADDRESS + 0x200
+        params[0x1F1:0x1F1 + len(image.setup_header)] = image.setup_header
     memory.write(CMDLINE_ADDRESS, encoded)
 
-    params = bytearray(PAGE)
-    params[0x1F1:0x1F1 + len(image.setup_header)] = image.setup_header
     params[0x210] = 0xFF  # type_of_loader: "undefined", as the protocol asks of new loaders
     params[0x211] |= LOADED_HIGH
     struct.pack_into("<I", params, 0x228, CMDLINE_ADDRESS)
@@ -139,7 +242,7 @@ def load_linux(memory: GuestMemory, image: BzImage, cmdline: str, initrd: Path |
     memory.write(BOOT_PARAMS_ADDRESS, bytes(params))
     write_page_tables(memory)
     write_gdt(memory)
-    return load_address + 0x200
+    return entry_point
 
 
 def write_page_tables(memory: GuestMemory) -> None:

@@ -16,6 +16,7 @@ import os
 import socket
 import threading
 from dataclasses import dataclass, field
+from typing import Callable
 
 from sandvmm import protocol
 from sandvmm.main import kvm
@@ -75,17 +76,27 @@ class DeviceProxy:
     on_gone: object = None  # callable(name) -> None, set by the machine
 
     # --- startup (synchronous, before any vCPU runs) -----------------------------------
-    def start(self) -> None:
-        """The child's description, then its registrations. Raises DeviceGone if it died."""
+    def start(self, wait_for: Callable[[socket.socket], None] = lambda channel: None) -> None:
+        """The child's description, then its registrations. Raises DeviceGone if it died.
+
+        wait_for(channel) returns once the child has said something there, or raises
+        DeviceGone: a starting child that breaks its policy or hangs must not hang main.
+        """
         try:
-            description = protocol.call(self.channels.config, protocol.DescribeDevice())
+            protocol.send(self.channels.config, protocol.DescribeDevice())
+            wait_for(self.channels.config)
+            description, fds = protocol.receive(self.channels.config)
+            for fd in fds:
+                os.close(fd)
             if not isinstance(description, protocol.DeviceDescription):
                 raise protocol.ProtocolError(f"unexpected {type(description).__name__}")
             self.bars = [BarSpec(index, size, bool(is64), bool(prefetch))
                          for index, size, is64, prefetch in description.bars]
             self.header = bytes(description.header)
             self.volatile = [(register, length) for register, length in description.volatile]
+            wait_for(self.channels.irq)
             self.serve_irq()
+            wait_for(self.channels.memory)
             self.serve_memory()
         except (OSError, EOFError, ValueError, protocol.ProtocolError) as error:
             raise DeviceGone(f"device {self.name} failed to start: {error}") from None

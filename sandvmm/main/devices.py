@@ -14,6 +14,7 @@ import select
 import signal
 import sys
 import threading
+import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ from sandvmm.main.device_proxy import Channels, DeviceGone, DeviceProxy
 from sandvmm.memory import GuestMemory
 
 POLICY_DIR = Path(__file__).resolve().parents[2] / "policies" / "x86_64"
+STARTUP_TIMEOUT = 60.0  # seconds for a jailed child to describe itself (Python under the lab's TCG is slow)
 
 
 @dataclass
@@ -129,7 +131,7 @@ class DeviceHost:
         device = Device(spec, process, proxy)
         self.devices.append(device)
         try:
-            proxy.start()
+            proxy.start(lambda channel: self._wait_while_starting(device, channel))
         except DeviceGone as error:
             raise UserError(str(error), hint="--disable-sandbox shows a device's traceback") from None
         return proxy
@@ -144,6 +146,27 @@ class DeviceHost:
         except (jail.JailError, jail.PolicyError) as error:
             raise UserError(f"cannot sandbox device {spec.name}: {error}",
                             hint="sandvmm doctor checks what the sandbox needs; --disable-sandbox runs devices unjailed") from None
+
+    def _wait_while_starting(self, device: Device, channel) -> None:
+        """Until the child speaks on channel. Before the supervisor thread runs, this is what
+        notices a child that dies, breaks its seccomp policy (it would wait for our verdict
+        forever) or hangs."""
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        listener = device.process.listener_fd
+        while not device.ended:
+            watched = [channel.fileno(), device.process.pidfd, *([listener] if listener is not None else [])]
+            ready, _, _ = select.select(watched, [], [], max(0.0, deadline - time.monotonic()))
+            if channel.fileno() in ready:
+                return
+            if listener is not None and listener in ready:
+                self._violation(device)  # stops it, or lets the call through under --seccomp-log-failures
+            elif device.process.pidfd in ready:
+                with self.lock:
+                    device.ended = True
+                    raise DeviceGone(f"device {device.spec.name} failed to start: {_wait_status(device.process.pid)}")
+            elif not ready:
+                raise DeviceGone(f"device {device.spec.name} did not start within {STARTUP_TIMEOUT:.0f} s")
+        raise DeviceGone(f"device {device.spec.name} was stopped while starting")
 
     # --- the supervisor thread -----------------------------------------------------------------
     def start(self) -> None:

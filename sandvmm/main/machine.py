@@ -14,7 +14,7 @@ from typing import Callable
 from sandvmm.errors import UserError
 from sandvmm.guest.protocol import READY_PORT, STATUS_PORT
 from sandvmm.main import acpi, kvm
-from sandvmm.main.boot import ACPI_ADDRESS, BzImage, load_linux
+from sandvmm.main.boot import ACPI_ADDRESS, Kernel, load_linux
 from sandvmm.main.bus import Bus
 from sandvmm.main.cpu import boot_msrs, enter_long_mode, vcpu_cpuid
 from sandvmm.main.legacy.i8042 import I8042
@@ -38,7 +38,7 @@ PVPANIC_PANICKED, PVPANIC_CRASH_LOADED = 1, 2
 
 @dataclass
 class MachineConfig:
-    kernel: BzImage
+    kernel: Kernel
     initrd: Path | None
     cmdline: str
     mem_mib: int = 512

@@ -193,7 +193,7 @@ def run(config: RunConfig) -> int:
         from sandvmm.image.build import ensure_image
 
         image = ensure_image()
-        config.kernel = image.kernel
+        config.kernel = image.vmlinux  # decompressed ahead: the guest need not (boot.py)
         config.initrd = config.initrd or image.initrd
     kernel = read_kernel(config.kernel)
     devices = device_specs(config)  # opens and locks disk images: their errors come before KVM's

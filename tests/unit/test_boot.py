@@ -7,7 +7,7 @@ import pytest
 from sandvmm.errors import UserError
 from sandvmm.image.build import ensure_image
 from sandvmm.main import kvm
-from sandvmm.main.boot import BOOT_PARAMS_ADDRESS, BzImage, load_linux, read_kernel
+from sandvmm.main.boot import BOOT_PARAMS_ADDRESS, BzImage, ElfKernel, load_linux, read_kernel
 from sandvmm.main.cpu import vcpu_cpuid
 from sandvmm.memory import ECAM_BASE, ECAM_SIZE, GiB, MiB, GuestMemory, GuestMemoryError, e820_map
 from sandvmm.main.run import MarkerFilter
@@ -101,3 +101,62 @@ def test_marker_filter_drops_only_protocol_lines():
     for chunk in (b"sandvmm-init: re", b"ady\r\nhel", b"lo\r\nsandvmm-i", b"nit: exit 0\r\n", b"sandbox\r\n"):
         console.feed(chunk)
     assert b"".join(out) == b"hello\r\nsandbox\r\n"
+
+
+def test_the_default_vmlinux_loads_segment_by_segment_with_a_setup_header_made_up(tmp_path):
+    image = ensure_image()
+    kernel = read_kernel(image.vmlinux)
+    assert isinstance(kernel, ElfKernel) and kernel.segments
+    memory = GuestMemory(512 * MiB)
+    try:
+        (tmp_path / "initrd").write_bytes(b"initrd")
+        entry = load_linux(memory, kernel, "console=ttyS0 quiet", tmp_path / "initrd", rsdp_address=0xE0000)
+        assert entry == kernel.entry == struct.unpack_from("<Q", image.vmlinux.read_bytes(), 0x18)[0]
+        data = image.vmlinux.read_bytes()
+        for segment in kernel.segments:
+            loaded = memory.read(segment.address, segment.file_size)
+            assert loaded == data[segment.file_offset:segment.file_offset + segment.file_size]
+        params = memory.read(BOOT_PARAMS_ADDRESS, 4096)
+        assert params[0x202:0x206] == b"HdrS" and struct.unpack_from("<H", params, 0x1FE)[0] == 0xAA55
+        assert memory.read(struct.unpack_from("<I", params, 0x228)[0], 20) == b"console=ttyS0 quiet\0"
+        ramdisk_image, ramdisk_size = struct.unpack_from("<II", params, 0x218)
+        assert ramdisk_size == 6 and memory.read(ramdisk_image, 6) == b"initrd" and ramdisk_image >= kernel.end
+    finally:
+        memory.close()
+
+
+def elf_header(machine=62, entry=0x1000000, segments=((1, 0x1000, 0x1000000, 0x100, 0x200),), elf_class=2):
+    """A minimal ELF header plus program headers (type, offset, paddr, filesz, memsz)."""
+    header = bytearray(0x40 + 56 * len(segments))
+    header[:6] = b"\x7fELF" + bytes([elf_class, 1])
+    struct.pack_into("<HHIQQ", header, 0x10, 2, machine, 1, entry, 0x40)
+    struct.pack_into("<HH", header, 0x36, 56, len(segments))
+    for index, (kind, offset, address, size, memory_size) in enumerate(segments):
+        struct.pack_into("<IIQQQQQQ", header, 0x40 + 56 * index, kind, 5, offset, address, address,
+                         size, memory_size, 0x1000)
+    return bytes(header).ljust(0x2000, b"\0")  # the segments' bytes: zeros
+
+
+@pytest.mark.parametrize("header, why", [
+    (elf_header(elf_class=1), "64-bit"),
+    (elf_header(machine=183), "machine 183"),
+    (elf_header()[:0x50], "truncated"),  # the file ends inside the program headers
+    (elf_header(segments=((1, 0x1000, 0x1000000, 0x100000, 0x100000),)), "outside the file"),
+    (elf_header(segments=((1, 0x1000, 0x1000000, 0x300, 0x200),)), "outside the file"),
+    (elf_header(entry=0x7000, segments=((1, 0x1000, 0x7000, 0x100, 0x100),)), "below 1 MiB"),
+    (elf_header(entry=0x2000000), "no loadable segment"),
+    (elf_header(segments=((4, 0x1000, 0x1000000, 0x100, 0x100),)), "no loadable segment"),
+])
+def test_a_vmlinux_that_cannot_boot_is_a_usage_error(tmp_path, header, why):
+    path = tmp_path / "vmlinux"
+    path.write_bytes(header)
+    with pytest.raises(UserError, match="not a bootable x86-64 vmlinux") as error:
+        read_kernel(path)
+    assert why in str(error.value) and error.value.status == 2
+
+
+def test_a_well_formed_small_vmlinux_is_accepted(tmp_path):
+    path = tmp_path / "vmlinux"
+    path.write_bytes(elf_header())
+    kernel = read_kernel(path)
+    assert kernel.entry == 0x1000000 and kernel.end == 0x1000200

@@ -1,7 +1,9 @@
 """Main's proxy of a device child, against a real (unjailed) child on the host: no KVM needed."""
 
 import os
+import shutil
 import struct
+import time
 
 import pytest
 
@@ -10,7 +12,8 @@ from sandvmm.devices.rng.core import RngCore
 from sandvmm.devices.virtio import shell
 from sandvmm.devices.virtio import transport as virtio_pci
 from sandvmm.main.device_proxy import Channels, DeviceProxy
-from sandvmm.main.devices import ForkedProcess
+from sandvmm.errors import UserError
+from sandvmm.main.devices import POLICY_DIR, DeviceHost, DeviceSpec, ForkedProcess, SandboxOptions
 from sandvmm.main.interrupts import IrqRouting
 from sandvmm.memory import MiB, GuestMemory
 
@@ -85,3 +88,29 @@ def test_a_dead_child_reads_as_all_ones_where_asked_and_keeps_its_mirror(proxy):
     assert gone == ["rng"]
     assert proxy.config_read(0, 2) == struct.pack("<H", virtio_pci.VIRTIO_VENDOR_ID)
     proxy.config_write(virtio_pci.COMMAND, b"\x00\x00")  # no exception: the VM is being stopped anyway
+
+
+@pytest.mark.parametrize("log_failures", [False, True])
+def test_a_child_breaking_its_policy_while_starting_is_stopped_or_logged_not_waited_for(tmp_path, log_failures):
+    """Before the supervisor thread runs, main itself must answer a starting child's violation."""
+    policy_dir = tmp_path / "policies"
+    shutil.copytree(POLICY_DIR, policy_dir)
+    common = policy_dir / "common_device.policy"
+    common.write_text("".join(line for line in common.read_text().splitlines(keepends=True)
+                              if not line.startswith("eventfd2:")))  # the shell makes its eventfds first thing
+    host = DeviceHost(SandboxOptions(policy_dir=policy_dir, log_failures=log_failures), on_failure=lambda why: None)
+    memory = GuestMemory(4 * MiB)
+    vm = FakeVm()
+    started = time.monotonic()
+    try:
+        spec = DeviceSpec("rng", RngCore(os.urandom))
+        if log_failures:
+            proxy = host.launch(spec, memory, lambda channels: DeviceProxy("rng", vm, IrqRouting(vm), channels, 16))
+            assert proxy.config_read(0, 2) == struct.pack("<H", virtio_pci.VIRTIO_VENDOR_ID)
+        else:
+            with pytest.raises(UserError, match="device rng was stopped while starting"):
+                host.launch(spec, memory, lambda channels: DeviceProxy("rng", vm, IrqRouting(vm), channels, 16))
+    finally:
+        host.stop()
+        memory.close()
+    assert time.monotonic() - started < 10

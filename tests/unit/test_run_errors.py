@@ -12,12 +12,14 @@ def test_missing_kernel(tmp_path):
     assert "no such file" in one_line_error(result)
 
 
-def test_a_file_that_is_not_a_bzimage(tmp_path):
+@pytest.mark.parametrize("start, message", [(b"MZ", "not a bootable x86-64 bzImage"),
+                                            (b"\x7fELF\x01", "not a bootable x86-64 vmlinux")])
+def test_a_file_that_is_not_a_kernel(tmp_path, start, message):
     kernel = tmp_path / "vmlinuz"
-    kernel.write_bytes(b"\x7fELF" + b"\0" * 8192)
+    kernel.write_bytes(start + b"\0" * 8192)
     result = sandvmm("run", "--kernel", str(kernel), "--", "true")
     assert result.returncode == 2
-    assert "not a bootable x86-64 bzImage" in one_line_error(result)
+    assert message in one_line_error(result)
 
 
 @pytest.mark.parametrize("mem, message", [("16", "too small"), (str(1 << 30), "more than this host")])
