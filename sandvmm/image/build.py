@@ -23,15 +23,14 @@ import re
 import shutil
 import subprocess
 import tempfile
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 from sandvmm.errors import UserError
+from sandvmm.image.store import Image, builder_version, cache_dir, find_image, index_path, read_index, request_key
 from sandvmm.image.apt import Package, PrivateApt, progress
 from sandvmm.image.cpio import CpioWriter
 
-BUILDER_VERSION = 4  # bump when the image layout changes (init scripts are hashed: builder_version)
 
 GUEST_MODULES = (
     "virtio_blk", "virtio_net", "virtio_rng", "virtio_input", "virtio_balloon",
@@ -42,70 +41,6 @@ GUEST_MODULES = (
 LAB_MODULES = ("kvm_amd", "9pnet_virtio", "9p", "overlay", "tun", "ext4")
 # Documentation is of no use in a guest and is most of some packages' size.
 SKIPPED_PATHS = ("usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/locale", "usr/share/lintian")
-
-
-def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "sandvmm"
-
-
-@dataclass(frozen=True)
-class Image:
-    directory: Path
-
-    @property
-    def kernel(self) -> Path:
-        return self.directory / "vmlinuz"
-
-    @property
-    def vmlinux(self) -> Path:
-        return self.directory / "vmlinux"
-
-    @property
-    def initrd(self) -> Path:
-        return self.directory / "initrd.img"
-
-    @property
-    def lab_initrd(self) -> Path:
-        return self.directory / "lab-initrd.img"
-
-    @property
-    def manifest(self) -> dict:
-        return json.loads((self.directory / "manifest.json").read_text())
-
-    def complete(self) -> bool:
-        return (self.directory / "manifest.json").exists()
-
-
-def builder_version() -> str:
-    """BUILDER_VERSION and the init scripts' digest: a changed script means a new image."""
-    digest = hashlib.sha256()
-    for package in ("sandvmm.guest", "sandvmm.lab"):
-        digest.update((resources.files(package) / "init.sh").read_bytes())
-    return f"{BUILDER_VERSION}-{digest.hexdigest()[:12]}"
-
-
-def request_key(extra: list[str]) -> str:
-    # The builder version is part of the key so that a changed init script is rebuilt.
-    return f"v{builder_version()}:" + (",".join(sorted(set(extra))) or "default")
-
-
-def _index_path() -> Path:
-    return cache_dir() / "images" / "index.json"
-
-
-def _read_index() -> dict[str, str]:
-    try:
-        return json.loads(_index_path().read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
-
-
-def find_image(extra: list[str] | None = None) -> Image | None:
-    """The image built for this request, if any; never touches the network."""
-    name = _read_index().get(request_key(extra or []))
-    image = Image(cache_dir() / "images" / name) if name else None
-    return image if image and image.complete() else None
 
 
 def ensure_image(extra: list[str] | None = None, refresh: bool = False) -> Image:
@@ -131,9 +66,9 @@ def ensure_image(extra: list[str] | None = None, refresh: bool = False) -> Image
     if not image.complete():
         debs = apt.download(kernel + busybox + packages)
         _assemble(image, kernel[0], debs, busybox[0], packages)
-    index = _read_index()
+    index = read_index()
     index[request_key(extra)] = image.directory.name
-    _index_path().write_text(json.dumps(index, indent=1, sort_keys=True))
+    index_path().write_text(json.dumps(index, indent=1, sort_keys=True))
     return image
 
 

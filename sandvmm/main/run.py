@@ -87,7 +87,6 @@ def check_kvm(device: str) -> None:
     guest a process runs pays a large one-off cost when KVM itself is nested (the lab).
     """
     from sandvmm.doctor import classify, kvm_modules
-    from sandvmm.main.probe import measure
 
     modules = kvm_modules()
     try:
@@ -97,6 +96,8 @@ def check_kvm(device: str) -> None:
         elif "kvm_pvm" in modules:
             mode = "emulated"
         else:
+            from sandvmm.main.probe import measure
+
             mode = classify(modules, measure(200_000, device=device).rate)
     except kvm.KvmUnavailable as error:
         raise UserError(str(error), hint="load kvm_intel or kvm_amd and join the kvm group; see `sandvmm doctor`") from None
@@ -190,9 +191,12 @@ def run(config: RunConfig) -> int:
     check_config(config)
     check_sandbox(config)
     if config.kernel is None:
-        from sandvmm.image.build import ensure_image
+        from sandvmm.image.store import find_image
 
-        image = ensure_image()
+        if (image := find_image()) is None:
+            from sandvmm.image.build import ensure_image
+
+            image = ensure_image()
         config.kernel = image.vmlinux  # decompressed ahead: the guest need not (boot.py)
         config.initrd = config.initrd or image.initrd
     kernel = read_kernel(config.kernel)
