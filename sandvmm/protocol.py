@@ -18,7 +18,7 @@ from __future__ import annotations
 import array
 import os
 import socket
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 import msgpack
 
@@ -32,17 +32,21 @@ class ProtocolError(ValueError):
 
 
 _MESSAGES: dict[str, type] = {}
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}  # every config-space exit packs two messages: no fields() then
 
 
 def message(cls):
     """Register a dataclass as a message type under its class name."""
     cls = dataclass(frozen=True)(cls)
     _MESSAGES[cls.__name__] = cls
+    _FIELD_NAMES[cls] = tuple(field.name for field in fields(cls))
     return cls
 
 
 def to_msgpack(msg) -> bytes:
-    return msgpack.packb({"v": VERSION, "type": type(msg).__name__, **asdict(msg)})
+    # Shallow: field values are plain ints, bytes, strings and lists of them.
+    body = {name: getattr(msg, name) for name in _FIELD_NAMES[type(msg)]}
+    return msgpack.packb({"v": VERSION, "type": type(msg).__name__, **body})
 
 
 def from_msgpack(data: bytes):
@@ -55,7 +59,7 @@ def from_msgpack(data: bytes):
     cls = _MESSAGES.get(raw.get("type"))
     if cls is None:
         raise ProtocolError(f"unknown message type {raw.get('type')!r}")
-    names = {field.name for field in fields(cls)}
+    names = _FIELD_NAMES[cls]
     try:
         return cls(**{key: value for key, value in raw.items() if key in names})
     except TypeError as error:

@@ -277,7 +277,6 @@ def pci_host_bridge(window32: tuple[int, int], window64: tuple[int, int], intx_g
     (base32, size32), (base64, size64) = window32, window64
     resources = aml.resource_template(
         aml.word_bus_number(0, 0),
-        aml.io_port(0xCF8, 8),
         aml.word_io(0x0000, 0x0CF7),
         aml.word_io(0x0D00, 0xFFFF),
         aml.dword_memory(base32, base32 + size32 - 1),

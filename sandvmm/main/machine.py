@@ -25,7 +25,7 @@ from sandvmm.memory import ECAM_BASE, PCI_WINDOW32, GuestMemory, MiB, pci_window
 from sandvmm.main.device_proxy import DeviceProxy
 from sandvmm.main.devices import DeviceHost, DeviceSpec, SandboxOptions
 from sandvmm.main.interrupts import IrqRouting
-from sandvmm.main.pci import CONFIG_ADDRESS_PORT, Ecam, PciRoot
+from sandvmm.main.pci import Ecam, PciRoot
 from sandvmm.main.vcpu import VcpuThread
 
 TSS_ADDRESS = 0xFFFBD000
@@ -99,7 +99,6 @@ class Machine:
         self.io_bus.register(COM1_PORT, 8, self.serial)
         window64 = pci_window64(self.memory.size)
         self.pci = PciRoot(PCI_WINDOW32, window64)
-        self.io_bus.register(CONFIG_ADDRESS_PORT, 8, self.pci)
         self.mmio_bus.register(ECAM_BASE, Ecam.SIZE, self.pci.ecam)
         for base, size in (PCI_WINDOW32, window64):
             self.mmio_bus.register(base, size, self.pci.bar_window(base))

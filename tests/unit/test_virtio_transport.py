@@ -211,8 +211,8 @@ def test_device_models_the_transport_cannot_serve_are_refused_at_construction():
 def test_linux_probe_with_msix():
     transport, guest = new()
     effects = linux_probe(guest)
-    # Per entry: the address (its high half is unchanged, so no effect), then the data.
-    routes = [vp.MsiRouteChanged(vector, MSI_ADDRESS, data) for vector in range(3) for data in (0, 0x40 + vector)]
+    # One route per vector, when request_irq unmasks it with its final message.
+    routes = [vp.MsiRouteChanged(vector, MSI_ADDRESS, 0x40 + vector) for vector in range(3)]
     assert effects == [vp.Reset(), vp.InterruptModeChanged(True), *routes, expected_activation()]
     assert transport.negotiated_features == OFFERED
     assert transport.status == vp.ACKNOWLEDGE | vp.DRIVER | vp.FEATURES_OK | vp.DRIVER_OK
@@ -402,14 +402,18 @@ def test_no_vector_and_no_bus_master_deliver_nothing():
     assert guest.read(vp.MSIX_PBA_OFFSET, 8) == transport.isr == 0  # dropped, not pending
 
 
-def test_route_changes_only_when_address_or_data_change():
+def test_a_route_changes_when_an_unmasked_vector_gets_a_new_message():
     _, guest = new()
     entry = vp.MSIX_TABLE_OFFSET + 16 * 2
-    assert guest.write(entry, 0xFEE01000 << 32 | 0xFEE00003, 8) == \
-        [vp.MsiRouteChanged(2, 0xFEE01000 << 32 | 0xFEE00000, 0)]  # low address bits are hardwired 0
-    assert guest.write(entry + 8, 0) == []
-    assert guest.write(entry + 12, 0xFFFFFFFF) == []  # reserved control bits
-    assert guest.read(entry + 12) == 1  # still masked: entries start masked
+    assert guest.write(entry, 0xFEE01000 << 32 | 0xFEE00003, 8) == []  # masked: entries start masked
+    assert guest.write(entry + 8, 5) == []
+    assert guest.write(entry + 12, 0xFFFFFFFE) == \
+        [vp.MsiRouteChanged(2, 0xFEE01000 << 32 | 0xFEE00000, 5)]  # low address bits are hardwired 0
+    assert guest.read(entry + 12) == 0  # reserved control bits stay zero
+    assert guest.write(entry + 8, 5) == []  # the same message: nothing to re-route
+    assert guest.write(entry + 8, 6) == [vp.MsiRouteChanged(2, 0xFEE01000 << 32 | 0xFEE00000, 6)]
+    assert guest.write(entry + 12, 1) == [] and guest.write(entry + 8, 7) == []  # masked again
+    assert guest.write(entry + 12, 0) == [vp.MsiRouteChanged(2, 0xFEE01000 << 32 | 0xFEE00000, 7)]
     assert guest.write(vp.MSIX_TABLE_OFFSET + 16 * 3, 1) == []  # past the table
 
 

@@ -37,6 +37,7 @@ class MsixTable:
         for vector in range(vector_count):
             self._table[vector * ENTRY_SIZE + VECTOR_CONTROL] = VECTOR_MASKED
         self.pending = 0  # bit n: vector n has an interrupt waiting for its unmask
+        self._routed: dict[int, tuple[int, int]] = {}  # the message last reported per vector
 
     @property
     def table_size(self) -> int:
@@ -59,17 +60,26 @@ class MsixTable:
         return padded_slice(self._table, offset, size)
 
     def write_table(self, offset: int, data: bytes) -> list[int]:
-        """Apply a write of any size or alignment; return the vectors whose message changed."""
+        """Apply a write of any size or alignment; return the vectors to route anew.
+
+        Those are the unmasked vectors whose message is not the one last returned: a masked
+        vector sends nothing, and drivers mask an entry while they rewrite it (Linux does),
+        so its route changes once, at the unmask, not at every intermediate write.
+        """
         first = max(offset, 0) // ENTRY_SIZE
         last = min(offset + len(data), len(self._table)) // ENTRY_SIZE + 1
-        touched = range(first, min(last, self.vector_count))
-        before = [self.message(vector) for vector in touched]
         for index, byte in enumerate(data):
             position = offset + index
             if 0 <= position < len(self._table):
                 mask = _ENTRY_WRITABLE[position % ENTRY_SIZE]
                 self._table[position] = (self._table[position] & ~mask) | (byte & mask)
-        return [vector for vector, old in zip(touched, before) if self.message(vector) != old]
+        changed = []
+        for vector in range(first, min(last, self.vector_count)):
+            message = self.message(vector)
+            if not self.masked(vector) and self._routed.get(vector) != message:
+                self._routed[vector] = message
+                changed.append(vector)
+        return changed
 
     def read_pba(self, offset: int, size: int) -> bytes:
         return padded_slice(self.pending.to_bytes(self.pba_size, "little"), offset, size)
