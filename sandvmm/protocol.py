@@ -141,7 +141,7 @@ class ConfigRead:
 
 @message
 class ConfigWrite:
-    """Answered with Data: the whole header after the write, to refresh main's mirror."""
+    """Answered with HeaderState, to refresh main's mirror."""
     register: int
     data: bytes
 
@@ -155,6 +155,7 @@ class BarRead:
 
 @message
 class BarWrite:
+    """Answered with HeaderState: a BAR write (the driver's status) can change what is volatile."""
     bar: int
     offset: int
     data: bytes
@@ -164,6 +165,13 @@ class BarWrite:
 class Data:
     """The answer to a read."""
     data: bytes
+
+
+@message
+class HeaderState:
+    """The answer to a write: the configuration header now, and its volatile registers now."""
+    header: bytes
+    volatile: list  # [[register, length], ...]
 
 
 # --- irq channel: the device asks main ------------------------------------------------------

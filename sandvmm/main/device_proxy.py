@@ -3,8 +3,8 @@
 The proxy sits on the PCI root like any function. Configuration-space writes and BAR
 accesses (setup-time traffic: the data path never comes here) become synchronous requests on
 the child's config channel. Configuration-space reads, most of the guest's PCI scan, are
-answered from a mirror of the header that the child sends at startup and after each write;
-only the registers it marks volatile are still asked for. The child's own requests arrive on its irq and memory channels and
+answered from a mirror of the header that the child sends at startup and after each write,
+with the registers main must still ask for (volatile ones) as they stand then. The child's own requests arrive on its irq and memory channels and
 are served by the supervisor thread through `serve_irq` / `serve_memory`; each channel can
 only ask for what its privilege allows (routes for the child's own vectors; ioeventfds
 inside the child's own BARs).
@@ -146,27 +146,31 @@ class DeviceProxy:
         protocol.send(self.channels.memory, protocol.Reply(ok=ok, error=error))
 
     # --- PciFunction ---------------------------------------------------------------------
-    def _call(self, msg) -> bytes:
+    def _call(self, msg):
         with self.lock:
             try:
-                reply = protocol.call(self.channels.config, msg)
+                return protocol.call(self.channels.config, msg)
             except (OSError, EOFError, protocol.ProtocolError) as error:
                 if callable(self.on_gone):
                     self.on_gone(self.name, str(error))
                 raise DeviceGone(str(error)) from None
-        return reply.data if isinstance(reply, protocol.Data) else b""
 
     def _read(self, msg, size: int) -> bytes:
         try:
-            return self._call(msg)[:size].ljust(size, b"\xff")
+            reply = self._call(msg)
         except DeviceGone:
             return b"\xff" * size
+        data = reply.data if isinstance(reply, protocol.Data) else b""
+        return data[:size].ljust(size, b"\xff")
 
     def _write(self, msg) -> None:
+        """A write the child answers with its header as it now stands (HeaderState)."""
         try:
-            self._call(msg)
+            reply = self._call(msg)
         except DeviceGone:
-            pass
+            return
+        if isinstance(reply, protocol.HeaderState) and len(reply.header) == len(self.header):
+            self.header, self.volatile = reply.header, [(register, length) for register, length in reply.volatile]
 
     def config_read(self, register: int, size: int) -> bytes:
         end = register + size
@@ -176,12 +180,7 @@ class DeviceProxy:
         return self._read(protocol.ConfigRead(register, size), size)
 
     def config_write(self, register: int, data: bytes) -> None:
-        try:
-            header = self._call(protocol.ConfigWrite(register, bytes(data)))
-        except DeviceGone:
-            return
-        if len(header) == len(self.header):
-            self.header = header
+        self._write(protocol.ConfigWrite(register, bytes(data)))
 
     def bar_read(self, index: int, offset: int, size: int) -> bytes:
         return self._read(protocol.BarRead(index, offset, size), size)

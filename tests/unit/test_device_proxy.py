@@ -53,17 +53,42 @@ def proxy(monkeypatch):
 
 
 def test_header_reads_are_answered_by_main_except_volatile_registers(proxy):
-    expected = virtio_pci.VirtioPciTransport(RngCore(os.urandom)).header()
-    volatile = {register + n for register, length in virtio_pci.VOLATILE_REGISTERS for n in range(length)}
+    transport = virtio_pci.VirtioPciTransport(RngCore(os.urandom))
+    expected = transport.header()
+    assert transport.volatile_registers() == [(virtio_pci.PCI_CFG_DATA, 4)]  # STATUS is static until DRIVER_OK
     for size in (1, 2, 4):
         for register in range(0, 256, size):
-            if volatile & set(range(register, register + size)):
+            if register < virtio_pci.PCI_CFG_DATA + 4 and virtio_pci.PCI_CFG_DATA < register + size:
                 continue
             assert proxy.config_read(register, size) == expected[register:register + size]
     assert proxy.calls == []  # a whole scan of the header, and the child was never asked
-    assert struct.unpack("<H", proxy.config_read(virtio_pci.STATUS, 2))[0] & virtio_pci.STATUS_CAPABILITIES
-    assert proxy.config_read(0x100, 4) == bytes(4)  # past the header: the child answers
+    assert proxy.config_read(virtio_pci.PCI_CFG_DATA, 4) == bytes(4)  # the window reads the BAR: asked
+    assert proxy.config_read(0x100, 4) == bytes(4)  # past the header: asked too
     assert [type(call).__name__ for call in proxy.calls] == ["ConfigRead", "ConfigRead"]
+
+
+def set_driver_ok(proxy):
+    """The driver's status dance on the common configuration, down to DRIVER_OK."""
+    proxy.config_write(virtio_pci.COMMAND, struct.pack("<H", virtio_pci.COMMAND_MEMORY | virtio_pci.COMMAND_BUS_MASTER))
+    bar = lambda offset, value, size: proxy.bar_write(0, virtio_pci.COMMON_CFG_OFFSET + offset,  # noqa: E731
+                                                     value.to_bytes(size, "little"))
+    bar(virtio_pci.DEVICE_STATUS, virtio_pci.ACKNOWLEDGE | virtio_pci.DRIVER, 1)
+    bar(virtio_pci.DRIVER_FEATURE_SELECT, 1, 4)
+    bar(virtio_pci.DRIVER_FEATURE, 1, 4)  # VIRTIO_F_VERSION_1
+    bar(virtio_pci.DEVICE_STATUS, virtio_pci.ACKNOWLEDGE | virtio_pci.DRIVER | virtio_pci.FEATURES_OK, 1)
+    bar(virtio_pci.DEVICE_STATUS, virtio_pci.ACKNOWLEDGE | virtio_pci.DRIVER | virtio_pci.FEATURES_OK
+        | virtio_pci.DRIVER_OK, 1)
+
+
+def test_status_is_asked_for_once_intx_can_be_asserted_and_not_under_msix(proxy):
+    set_driver_ok(proxy)
+    proxy.calls.clear()
+    proxy.config_read(virtio_pci.STATUS, 2)
+    assert [type(call).__name__ for call in proxy.calls] == ["ConfigRead"]  # INTx mode, driver OK: live
+    proxy.config_write(virtio_pci.CAP_MSIX_CONTROL, struct.pack("<H", virtio_pci.MSIX_ENABLE))
+    proxy.calls.clear()
+    assert struct.unpack("<H", proxy.config_read(virtio_pci.STATUS, 2))[0] & virtio_pci.STATUS_INTERRUPT == 0
+    assert proxy.calls == []  # under MSI-X the interrupt bit stays clear: the mirror answers
 
 
 def test_writes_reach_the_child_and_refresh_the_mirror(proxy):
@@ -84,7 +109,7 @@ def test_a_dead_child_reads_as_all_ones_where_asked_and_keeps_its_mirror(proxy):
     proxy.on_gone = lambda name, why: gone.append(name)
     proxy.process.kill()
     os.waitpid(proxy.process.pid, 0)
-    assert proxy.config_read(virtio_pci.STATUS, 2) == b"\xff\xff"
+    assert proxy.config_read(virtio_pci.PCI_CFG_DATA, 4) == b"\xff" * 4
     assert gone == ["rng"]
     assert proxy.config_read(0, 2) == struct.pack("<H", virtio_pci.VIRTIO_VENDOR_ID)
     proxy.config_write(virtio_pci.COMMAND, b"\x00\x00")  # no exception: the VM is being stopped anyway

@@ -85,9 +85,8 @@ class DeviceShell:
         if not isinstance(request, protocol.DescribeDevice):
             raise protocol.ProtocolError(f"expected DescribeDevice, got {type(request).__name__}")
         bar = [virtio_pci.BAR_INDEX, virtio_pci.BAR_SIZE, 1, 0]
-        volatile = [list(register) for register in virtio_pci.VOLATILE_REGISTERS]
-        await self._send(self.config, protocol.DeviceDescription(self.core.name, [bar], self.transport.header(),
-                                                                 volatile))
+        header = self._header_state()
+        await self._send(self.config, protocol.DeviceDescription(self.core.name, [bar], header.header, header.volatile))
         await self._call(self.irq, protocol.RegisterIrqfds(len(self.vectors)),
                          self.vectors + [self.intx, self.resample])
         offsets = [self.transport.notify_offset(index) for index in range(len(self.kicks))]
@@ -113,13 +112,16 @@ class DeviceShell:
                 reply = protocol.Data(self.transport.bar_read(request.bar, request.offset, request.size))
             elif isinstance(request, protocol.ConfigWrite):
                 await self._apply(self.transport.config_write(request.register, request.data))
-                reply = protocol.Data(self.transport.header())
+                reply = self._header_state()
             elif isinstance(request, protocol.BarWrite):
                 await self._apply(self.transport.bar_write(request.bar, request.offset, request.data))
-                reply = protocol.Reply(ok=True)
+                reply = self._header_state()
             else:
                 reply = protocol.Reply(ok=False, error=f"unexpected {type(request).__name__}")
             await self._send(self.config, reply)
+
+    def _header_state(self) -> protocol.HeaderState:
+        return protocol.HeaderState(self.transport.header(), [list(r) for r in self.transport.volatile_registers()])
 
     # --- what the transport asks for ---------------------------------------------------------
     async def _apply(self, effects) -> None:

@@ -66,10 +66,6 @@ VIRTIO_PCI_CAP_COMMON_CFG, VIRTIO_PCI_CAP_NOTIFY_CFG, VIRTIO_PCI_CAP_ISR_CFG = 1
 VIRTIO_PCI_CAP_DEVICE_CFG, VIRTIO_PCI_CAP_PCI_CFG = 4, 5
 # PCI class codes (class, subclass, prog-if) by virtio device id, as QEMU and crosvm present them.
 CLASS_OTHER = 0xFF0000  # "device does not fit any defined class"
-# Header registers whose value changes without a configuration write (the interrupt bit of
-# STATUS follows the ISR; a pci_cfg data read fetches from the BAR). Main mirrors the rest of
-# the header and answers reads itself: the guest's PCI scan never waits on this process.
-VOLATILE_REGISTERS = ((STATUS, 2), (PCI_CFG_DATA, 4))
 CLASS_CODES = {1: 0x020000, 2: 0x010000, 3: 0x078000, 8: 0x010000, 9: 0x018000, 16: 0x038000,
                18: 0x098000, 19: 0x078000, 25: 0x040100, 26: 0x018000}
 
@@ -378,8 +374,21 @@ class VirtioPciTransport:
 
     # --- configuration space ------------------------------------------------------------------
     def header(self) -> bytes:
-        """The 256-byte header as written so far: main's mirror, right outside VOLATILE_REGISTERS."""
+        """The 256-byte header as written so far: main's mirror, right outside volatile_registers()."""
         return bytes(self._config)
+
+    def volatile_registers(self) -> list[tuple[int, int]]:
+        """The (register, length) whose value may change before the next write reaches us.
+
+        Main mirrors the rest of the header and answers reads itself, so the guest's PCI
+        scan never waits on this process. A pci_cfg data read fetches from the BAR. STATUS
+        carries the ISR's OR under INTx, which can turn on only once the driver is OK (no
+        interrupt comes before DRIVER_OK); until then, and under MSI-X, it is static.
+        """
+        volatile = [(PCI_CFG_DATA, 4)]
+        if not self.msix_enabled and (self._status & DRIVER_OK or self._isr):
+            volatile.append((STATUS, 2))
+        return volatile
 
     def config_read(self, offset: int, size: int) -> bytes:
         if not 0 <= size <= CONFIG_SPACE_SIZE:
