@@ -122,7 +122,7 @@ class ElfKernel:
         if len(header) < 64 or header[4] != ELFCLASS64 or header[5] != ELFDATA2LSB:
             raise fail("not a 64-bit little-endian ELF file")
         machine, = struct.unpack_from("<H", header, 0x12)
-        entry, table, = struct.unpack_from("<QQ", header, 0x18)
+        entry, table = struct.unpack_from("<QQ", header, 0x18)
         entry_size, count = struct.unpack_from("<HH", header, 0x36)
         if machine != EM_X86_64:
             raise fail(f"built for ELF machine {machine}, not x86-64")
@@ -130,7 +130,8 @@ class ElfKernel:
             raise fail("its program headers are missing or truncated")
         segments = []
         for index in range(count):
-            kind, _, offset, _, address, size, memory_size = struct.unpack_from("<IIQQQQQ", header, table + index * entry_size)
+            kind, _, offset, _, address, size, memory_size = struct.unpack_from(
+                "<IIQQQQQ", header, table + index * entry_size)
             if kind != PT_LOAD:
                 continue
             if size > memory_size or offset + size > file_size or address < LOW_BOOT_AREA_END:

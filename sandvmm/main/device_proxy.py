@@ -4,10 +4,11 @@ The proxy sits on the PCI root like any function. Configuration-space writes and
 accesses (setup-time traffic: the data path never comes here) become synchronous requests on
 the child's config channel. Configuration-space reads, most of the guest's PCI scan, are
 answered from a mirror of the header that the child sends at startup and after each write,
-with the registers main must still ask for (volatile ones) as they stand then. The child's own requests arrive on its irq and memory channels and
-are served by the supervisor thread through `serve_irq` / `serve_memory`; each channel can
-only ask for what its privilege allows (routes for the child's own vectors; ioeventfds
-inside the child's own BARs).
+with the registers main must still ask for (volatile ones) as they stand then.
+
+The child's own requests arrive on its irq and memory channels and are served by the
+supervisor thread through `serve_irq` / `serve_memory`; each channel can only ask for what
+its privilege allows (routes for the child's own vectors; ioeventfds inside its own BARs).
 """
 
 from __future__ import annotations
@@ -92,8 +93,7 @@ class DeviceProxy:
                 raise protocol.ProtocolError(f"unexpected {type(description).__name__}")
             self.bars = [BarSpec(index, size, bool(is64), bool(prefetch))
                          for index, size, is64, prefetch in description.bars]
-            self.header = bytes(description.header)
-            self.volatile = [(register, length) for register, length in description.volatile]
+            self._mirror(description.header, description.volatile)
             wait_for(self.channels.irq)
             self.serve_irq()
             wait_for(self.channels.memory)
@@ -170,7 +170,11 @@ class DeviceProxy:
         except DeviceGone:
             return
         if isinstance(reply, protocol.HeaderState) and len(reply.header) == len(self.header):
-            self.header, self.volatile = reply.header, [(register, length) for register, length in reply.volatile]
+            self._mirror(reply.header, reply.volatile)
+
+    def _mirror(self, header: bytes, volatile) -> None:
+        self.header = bytes(header)
+        self.volatile = [(register, length) for register, length in volatile]
 
     def config_read(self, register: int, size: int) -> bytes:
         end = register + size
