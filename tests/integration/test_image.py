@@ -5,6 +5,7 @@ import time
 
 
 from sandvmm.image.build import ensure_image
+from sandvmm.main.boot import BzImage
 from tests.helpers import one_line_error, sandvmm
 
 UNREACHABLE_MIRROR = {"SANDVMM_DEBIAN_MIRROR": "http://127.0.0.1:9/debian"}
@@ -28,10 +29,19 @@ def test_a_second_build_downloads_nothing_and_is_fast():
 
 def test_image_path_names_the_built_files():
     image = ensure_image()
-    for name, expected in (("kernel", image.kernel), ("initrd", image.initrd), ("lab-initrd", image.lab_initrd)):
+    for name, expected in (("kernel", image.kernel), ("vmlinux", image.vmlinux), ("initrd", image.initrd),
+                           ("lab-initrd", image.lab_initrd)):
         result = sandvmm("image", "path", name)
         assert result.returncode == 0 and result.stdout.strip() == str(expected)
         assert expected.stat().st_size > 1_000_000
+
+
+def test_the_image_vmlinux_is_the_bzimage_payload_decompressed():
+    image = ensure_image()
+    bzimage = BzImage.parse(image.kernel.read_bytes())
+    declared = int.from_bytes(bytes(bzimage.payload[-4:]), "little")  # Kbuild's size trailer (zstd)
+    assert image.vmlinux.stat().st_size == declared
+    assert image.vmlinux.read_bytes()[:4] == b"\x7fELF"
 
 
 def test_default_initramfs_has_init_busybox_and_every_module_it_loads():
