@@ -1,10 +1,12 @@
 """Main's side of one device child: a PCI function whose registers live in another process.
 
-The proxy sits on the PCI root like any function. Configuration-space writes and BAR
-accesses (setup-time traffic: the data path never comes here) become synchronous requests on
-the child's config channel. Configuration-space reads, most of the guest's PCI scan, are
-answered from a mirror of the header that the child sends at startup and after each write,
-with the registers main must still ask for (volatile ones) as they stand then.
+The proxy sits on the PCI root like any function. Configuration-space and BAR accesses
+(setup-time traffic: the data path never comes here) become requests on the child's config
+channel. Configuration-space reads, most of the guest's PCI scan, are answered from a mirror
+of the header that the child sends at startup and after each write, with the registers main
+must still ask for (volatile ones) as they stand then. BAR writes are posted, as PCI posts
+memory writes: the vCPU goes on without waiting, and their answers are read before the next
+request (the channel keeps order, so a read still sees every earlier write done).
 
 The child's own requests arrive on its irq and memory channels and are served by the
 supervisor thread through `serve_irq` / `serve_memory`; each channel can only ask for what
@@ -13,6 +15,7 @@ its privilege allows (routes for the child's own vectors; ioeventfds inside its 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
@@ -23,6 +26,9 @@ from sandvmm import protocol
 from sandvmm.main import kvm
 from sandvmm.main.interrupts import IrqRouting, RouteError
 from sandvmm.main.pci import BarSpec
+
+
+MAX_POSTED_WRITES = 32  # answers left unread at most: neither side's send may block on a full socket
 
 
 class DeviceGone(Exception):
@@ -74,6 +80,7 @@ class DeviceProxy:
     owned_fds: list[int] = field(default_factory=list)
     header: bytes = b""  # the child's configuration header, as of its last write
     volatile: list[tuple[int, int]] = field(default_factory=list)  # (register, length) to ask for
+    posted: int = 0  # BAR writes sent whose answers have not been read yet
     on_gone: object = None  # callable(name) -> None, set by the machine
 
     # --- startup (synchronous, before any vCPU runs) -----------------------------------
@@ -146,14 +153,40 @@ class DeviceProxy:
         protocol.send(self.channels.memory, protocol.Reply(ok=ok, error=error))
 
     # --- PciFunction ---------------------------------------------------------------------
-    def _call(self, msg):
+    @contextlib.contextmanager
+    def _channel(self):
+        """The config channel, held; a child found gone is reported and raises DeviceGone."""
         with self.lock:
             try:
-                return protocol.call(self.channels.config, msg)
+                yield self.channels.config
             except (OSError, EOFError, protocol.ProtocolError) as error:
                 if callable(self.on_gone):
                     self.on_gone(self.name, str(error))
                 raise DeviceGone(str(error)) from None
+
+    def _settle(self, channel) -> None:
+        """Read the answers to posted writes (channel held): the mirror then reflects them."""
+        while self.posted:
+            reply, fds = protocol.receive(channel)
+            for fd in fds:
+                os.close(fd)
+            self.posted -= 1
+            self._refresh(reply)
+
+    def _call(self, msg):
+        with self._channel() as channel:
+            self._settle(channel)
+            return protocol.call(channel, msg)
+
+    def _post(self, msg) -> None:
+        try:
+            with self._channel() as channel:
+                if self.posted >= MAX_POSTED_WRITES:
+                    self._settle(channel)
+                protocol.send(channel, msg)
+                self.posted += 1
+        except DeviceGone:
+            pass
 
     def _read(self, msg, size: int) -> bytes:
         try:
@@ -163,12 +196,8 @@ class DeviceProxy:
         data = reply.data if isinstance(reply, protocol.Data) else b""
         return data[:size].ljust(size, b"\xff")
 
-    def _write(self, msg) -> None:
-        """A write the child answers with its header as it now stands (HeaderState)."""
-        try:
-            reply = self._call(msg)
-        except DeviceGone:
-            return
+    def _refresh(self, reply) -> None:
+        """A write's answer: the header as it now stands, and what is volatile now."""
         if isinstance(reply, protocol.HeaderState) and len(reply.header) == len(self.header):
             self._mirror(reply.header, reply.volatile)
 
@@ -177,6 +206,9 @@ class DeviceProxy:
         self.volatile = [(register, length) for register, length in volatile]
 
     def config_read(self, register: int, size: int) -> bytes:
+        if self.posted:  # a posted write may have changed the header or what is volatile
+            with contextlib.suppress(DeviceGone), self._channel() as channel:
+                self._settle(channel)
         end = register + size
         if end <= len(self.header) and not any(start < end and register < start + length
                                                for start, length in self.volatile):
@@ -184,13 +216,14 @@ class DeviceProxy:
         return self._read(protocol.ConfigRead(register, size), size)
 
     def config_write(self, register: int, data: bytes) -> None:
-        self._write(protocol.ConfigWrite(register, bytes(data)))
+        with contextlib.suppress(DeviceGone):
+            self._refresh(self._call(protocol.ConfigWrite(register, bytes(data))))
 
     def bar_read(self, index: int, offset: int, size: int) -> bytes:
         return self._read(protocol.BarRead(index, offset, size), size)
 
     def bar_write(self, index: int, offset: int, data: bytes) -> None:
-        self._write(protocol.BarWrite(index, offset, bytes(data)))
+        self._post(protocol.BarWrite(index, offset, bytes(data)))
 
     def bar_mapped(self, index: int, base: int | None) -> None:
         """Move this BAR's ioeventfds with it, so queue kicks keep bypassing main."""

@@ -11,7 +11,7 @@ from sandvmm import protocol
 from sandvmm.devices.rng.core import RngCore
 from sandvmm.devices.virtio import shell
 from sandvmm.devices.virtio import transport as virtio_pci
-from sandvmm.main.device_proxy import Channels, DeviceProxy
+from sandvmm.main.device_proxy import MAX_POSTED_WRITES, Channels, DeviceProxy
 from sandvmm.errors import UserError
 from sandvmm.main.devices import POLICY_DIR, DeviceHost, DeviceSpec, ForkedProcess, SandboxOptions
 from sandvmm.main.interrupts import IrqRouting
@@ -139,3 +139,24 @@ def test_a_child_breaking_its_policy_while_starting_is_stopped_or_logged_not_wai
         host.stop()
         memory.close()
     assert time.monotonic() - started < 10
+
+
+def test_bar_writes_are_posted_and_a_later_read_sees_them_all(proxy):
+    proxy.config_write(virtio_pci.COMMAND, struct.pack("<H", virtio_pci.COMMAND_MEMORY))
+    select = virtio_pci.COMMON_CFG_OFFSET + virtio_pci.DEVICE_FEATURE_SELECT
+    for value in range(100):  # more than MAX_POSTED_WRITES: main reads answers as it goes
+        proxy.bar_write(0, select, struct.pack("<I", value % 2))
+        assert proxy.posted <= MAX_POSTED_WRITES
+    proxy.calls.clear()
+    assert proxy.bar_read(0, select, 4) == struct.pack("<I", 1)  # the last write is done before the read
+    assert [type(call).__name__ for call in proxy.calls] == ["BarRead"] and proxy.posted == 0
+
+
+def test_a_posted_write_to_a_dead_child_is_dropped_and_reported(proxy):
+    gone = []
+    proxy.on_gone = lambda name, why: gone.append(name)
+    proxy.process.kill()
+    os.waitpid(proxy.process.pid, 0)
+    proxy.bar_write(0, virtio_pci.COMMON_CFG_OFFSET, b"\0\0\0\0")  # no exception, no hang
+    assert proxy.bar_read(0, virtio_pci.COMMON_CFG_OFFSET, 4) == b"\xff" * 4
+    assert gone and set(gone) == {"rng"}
