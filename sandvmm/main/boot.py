@@ -146,18 +146,23 @@ class ElfKernel:
         try:
             with open(self.path, "rb", buffering=0) as file:
                 for segment in self.segments:
-                    target = memory.slice(segment.address, segment.file_size)
                     file.seek(segment.file_offset)
-                    done = 0
-                    while done < segment.file_size and (count := file.readinto(target[done:])):
-                        done += count
-                    if done != segment.file_size:
+                    if _read_fully(file, memory.slice(segment.address, segment.file_size)) != segment.file_size:
                         raise UserError(f"kernel {self.path} changed while it was read", status=2)
         except OSError as error:
             raise UserError(f"cannot read kernel {self.path}: {error.strerror}", status=2) from None
 
 
 Kernel = BzImage | ElfKernel
+
+
+def _read_fully(file, target: memoryview) -> int:
+    """Read from file's position straight into target (guest RAM) until it is full or the
+    file ends; how many bytes came."""
+    done = 0
+    while done < len(target) and (count := file.readinto(target[done:])):
+        done += count
+    return done
 ELF_HEADERS_READ = 64 * 1024  # the ELF header and program headers of any vmlinux fit
 
 
@@ -190,10 +195,7 @@ def _read_initrd_into(memory: GuestMemory, path: Path, kernel_end: int, addr_max
         with open(path, "rb", buffering=0) as file:
             size = os.fstat(file.fileno()).st_size
             address = place_initrd(memory, size, kernel_end, addr_max)
-            target = memory.slice(address, size)
-            done = 0
-            while done < size and (count := file.readinto(target[done:])):
-                done += count
+            done = _read_fully(file, memory.slice(address, size))
     except OSError as error:
         raise UserError(f"cannot read initrd {path}: {error.strerror}", status=2) from None
     if done != size:
