@@ -58,6 +58,27 @@ def test_more_views_than_iov_max(tmp_path):
     assert [view[0] for view in views] == [index % 256 for index in range(3000)]
 
 
+@pytest.mark.parametrize("start", [0, 8192 - 3000], ids=["whole", "past-the-end"])
+def test_views_of_any_format_move_their_bytes(tmp_path, start):
+    # One call moves them as they are; a short read goes on from byte views of them.
+    content = raw_file(tmp_path / "a.raw", 8192)
+    with closing(RawDisk(os.open(tmp_path / "a.raw", os.O_RDWR), False)) as disk:
+        views = [memoryview(bytearray(2000)).cast("I"), memoryview(bytearray(4000)).cast("Q")]
+        disk.read_into(start, views)
+        expected = content[start:start + 6000].ljust(6000, b"\0")
+        assert b"".join(view.tobytes() for view in views) == expected
+        disk.write_from(1, [memoryview(b"\x05" * 8).cast("Q"), memoryview(b"\x06" * 4).cast("I")])
+        assert bytes(disk.io.read(0, 14)) == content[:1] + b"\x05" * 8 + b"\x06" * 4 + content[13:14]
+
+
+def test_zero_length_views_beyond_iov_max_before_the_data(tmp_path):
+    content = raw_file(tmp_path / "a.raw", 8192)
+    with closing(RawDisk(os.open(tmp_path / "a.raw", os.O_RDWR), False)) as disk:
+        out = bytearray(100)
+        disk.read_into(50, [memoryview(b"")] * 1500 + [memoryview(out)])
+    assert out == content[50:150]
+
+
 def test_reading_past_the_end_of_the_file_gives_zeros(tmp_path):
     raw_file(tmp_path / "a.raw", 1000)
     with closing(RawDisk(os.open(tmp_path / "a.raw", os.O_RDONLY), True)) as disk:
