@@ -95,6 +95,7 @@ class GuestMemory:
         except OSError:
             pass  # a kernel without THP
         self.view = memoryview(self.mapping)
+        self._readonly_view = self.view.toreadonly()
         self._low_end = self.regions[0].end
 
     def offset(self, address: int, length: int) -> int:
@@ -113,6 +114,16 @@ class GuestMemory:
         start = self.offset(address, length)
         return self.view[start:start + length]
 
+    def identity_views(self) -> tuple[int, memoryview, memoryview]:
+        """(end, writable view, read-only view) of guest RAM [0, end), indexed by guest address.
+
+        For a caller that slices many buffers itself (the virtqueue walking an indirect
+        table): low RAM starts the mapping, so a guest address is its offset in these
+        views. Slicing them yourself skips `slice()`'s checks: check `address + length <=
+        end` first. One read-only view made here saves a `toreadonly()` per buffer.
+        """
+        return self._low_end, self.view, self._readonly_view
+
     def read(self, address: int, length: int) -> bytes:
         return bytes(self.slice(address, length))
 
@@ -120,6 +131,7 @@ class GuestMemory:
         self.slice(address, len(data))[:] = data
 
     def close(self) -> None:
+        self._readonly_view.release()
         self.view.release()
         self.mapping.close()
         os.close(self.fd)

@@ -5,8 +5,8 @@ trio loop calls `pop()` when kicked, hands the `Chain` to its core, calls `add_u
 raises the interrupt when `needs_interrupt()` says so.
 
 Everything in the rings and descriptors is guest-controlled and may change under us at
-any time, so every value is read once (one `unpack_from` per descriptor), checked, and
-only then used. `GuestError` is the only exception that leaves this module for anything
+any time, so every value is read once (one `unpack_from` per descriptor, or one pass per
+field over a long indirect table), checked, and only then used. `GuestError` is the only exception that leaves this module for anything
 the guest controls.
 
 Guest memory is any object with `slice(address, length) -> memoryview` that raises
@@ -21,6 +21,7 @@ a notification setting and then read the driver's state; `full_barrier()` covers
 
 from __future__ import annotations
 
+import re
 import struct
 import threading
 from dataclasses import dataclass
@@ -53,6 +54,18 @@ _unpack_descriptor = DESCRIPTOR.unpack_from
 _unpack_u16 = U16.unpack_from
 _pack_u16 = U16.pack_into
 _pack_used_element = USED_ELEMENT.pack_into
+
+# From how many entries an indirect table is checked in bulk: the bulk path has a fixed
+# cost of about 3 µs, as much as walking some 16 descriptors one by one (measured on the
+# development machine), so a 4 KiB request's 3 entries are walked.
+BULK_TABLE_BYTES = 16 * DESCRIPTOR_SIZE
+
+# The ordinary indirect table, as Linux writes one: entry i links to i + 1, readable
+# buffers first, no nested table. Checked in bulk over each entry's flags & 7, one byte
+# per entry: readable+NEXT (1)..., then a readable last (0), or writable+NEXT (3)... and
+# a writable last (2). Any INDIRECT bit (4..7) does not match.
+_FLAG_BITS = bytes(value & 7 for value in range(256))
+_ORDINARY_FLAGS = re.compile(rb"\x01*(?:\x00|\x03*\x02)")
 
 
 def descriptor_table_size(size: int) -> int:
@@ -244,6 +257,11 @@ class SplitQueue:
                 raise GuestError(f"queue {name} at {address:#x}+{length:#x} is not in RAM") from error
         self._descriptors, self._avail, self._used = views
         self.memory = memory
+        # Guest RAM from 0 as plain views, for slicing buffers without a call per buffer:
+        # any memory that offers them (GuestMemory does), else none (an end no buffer is below).
+        identity_views = getattr(memory, "identity_views", None)
+        self._ram_end, self._ram, self._ram_readonly = (identity_views() if identity_views
+                                                        else (-1, memoryview(b""), memoryview(b"")))
         self.size = size
         self.event_idx = event_idx
         self.indirect = indirect
@@ -308,7 +326,60 @@ class SplitQueue:
             raise GuestError(f"chain {head}: {error}", head) from error
 
     def _walk(self, head: int) -> Chain:
+        address, length, flags, _ = _unpack_descriptor(self._descriptors, head << 4)
+        if flags & VIRTQ_DESC_F_INDIRECT and length >= BULK_TABLE_BYTES:
+            chain = self._ordinary_indirect(head, address, length, flags)
+            if chain is not None:
+                return chain
+        return self._walk_descriptors(head)
+
+    def _ordinary_indirect(self, head: int, address: int, length: int, flags: int) -> Chain | None:
+        """The chain behind head's indirect table if the table is ordinary, else None.
+
+        The data path (Linux puts every request behind one indirect table): the table is
+        read and checked in bulk, a few C-level passes over it instead of Python work per
+        descriptor. Ordinary means: a table the general walk would accept as is, every
+        entry linked to the next, readable buffers first, no nested table, and every
+        buffer in low RAM, which is sliced straight from views of all of it. Anything
+        else returns None and `_walk_descriptors` reads the chain again from the start
+        and decides (so errors are found, and worded, in one place); each path acts
+        only on what it read itself.
+        """
+        end = self._ram_end
+        if (flags & VIRTQ_DESC_F_NEXT or not self.indirect or length == 0 or length & 15
+                or length > self.size << 4 or address > end - length):
+            return None
+        table = self._ram_readonly[address:address + length]
+        count = length >> 4
+        kinds = table[12::16].tobytes().translate(_FLAG_BITS)
+        if not _ORDINARY_FLAGS.fullmatch(kinds):
+            return None
+        if table.cast("H")[7:(count - 1) << 3:8].tolist() != list(range(1, count)):
+            return None
+        addresses = table.cast("Q")[::2].tolist()
+        lengths = table.cast("I")[2::4].tolist()
+        # max + max bounds every address + length: a table that fails this (a large
+        # buffer and a buffer near the end of low RAM, or any in high RAM) is not lost,
+        # only walked the general way.
+        if max(addresses) > end - max(lengths):
+            return None
+        readable_count = kinds.count(1) + kinds.count(0)
+        readable_length = sum(lengths[:readable_count])
+        writable_length = sum(lengths[readable_count:])
+        if readable_length + writable_length > MAX_CHAIN_BYTES:
+            return None
+        ram = self._ram_readonly
+        readable = [ram[start:start + size] for start, size
+                    in zip(addresses[:readable_count], lengths[:readable_count])]
+        ram = self._ram
+        writable = [ram[start:start + size] for start, size
+                    in zip(addresses[readable_count:], lengths[readable_count:])]
+        return Chain(head, readable, writable, readable_length, writable_length)
+
+    def _walk_descriptors(self, head: int) -> Chain:
+        """Any chain, one descriptor at a time, with every check and its error."""
         slice_memory = self.memory.slice
+        ram_end, ram, ram_readonly = self._ram_end, self._ram, self._ram_readonly
         size = self.size
         table = self._descriptors
         entries = size
@@ -345,16 +416,18 @@ class SplitQueue:
             if budget == 0:
                 raise GuestError(f"chain {head}: longer than the queue size {size} (a loop?)", head)
             budget -= 1
-            if address + length > ADDRESS_LIMIT:
+            end = address + length
+            if end > ADDRESS_LIMIT:
                 raise GuestError(f"chain {head}: buffer {address:#x}+{length:#x} overflows", head)
-            view = slice_memory(address, length)
             if flags & VIRTQ_DESC_F_WRITE:
-                writable.append(view)
+                writable.append(ram[address:end] if end <= ram_end else slice_memory(address, length))
                 writable_length += length
             else:
+                view = (ram_readonly[address:end] if end <= ram_end
+                        else slice_memory(address, length).toreadonly())
                 if writable:
                     raise GuestError(f"chain {head}: readable buffer after a writable one", head)
-                readable.append(view.toreadonly())
+                readable.append(view)
                 readable_length += length
             if not flags & VIRTQ_DESC_F_NEXT:
                 break
