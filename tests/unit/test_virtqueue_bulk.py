@@ -1,4 +1,4 @@
-"""The virtqueue's bulk path for long indirect tables (SplitQueue._ordinary_indirect).
+"""The virtqueue's bulk path for long indirect tables (SplitQueue._ordinary_table).
 
 A table of BULK_TABLE_BYTES or more behind a head descriptor is read in bulk when it is
 ordinary; anything else goes to the general walk, which must then decide exactly as it
@@ -56,6 +56,19 @@ def offer_table(memory, entries, head_flags=INDIRECT, table_length=None, queue_m
     return queue
 
 
+def bulk_results(queue, monkeypatch):
+    """What the bulk path returns, each time the walk offers it a table (a list that grows)."""
+    results = []
+    offer = queue._ordinary_table
+
+    def record(*args):
+        results.append(offer(*args))
+        return results[-1]
+
+    monkeypatch.setattr(queue, "_ordinary_table", record)
+    return results
+
+
 def pop_outcome(queue, memory):
     """What a pop gives, comparable between paths: ranges and read-only flags, or the error."""
     try:
@@ -74,8 +87,9 @@ def general_walk_outcome(memory, *args, **kwargs):
 def test_an_ordinary_table_is_read_in_bulk(ram, monkeypatch):
     entries = ordinary_table(writable_from=3)
     queue = offer_table(ram, entries)
-    monkeypatch.setattr(queue, "_walk_descriptors", lambda head: pytest.fail("took the general walk"))
+    bulk = bulk_results(queue, monkeypatch)
     chain = queue.pop()
+    assert bulk == [chain]
     assert ranges(ram, chain.readable) == [(address, length) for address, length, *_ in entries[:3]]
     assert ranges(ram, chain.writable) == [(address, length) for address, length, *_ in entries[3:]]
     assert all(view.readonly for view in chain.readable)
@@ -89,8 +103,9 @@ def test_an_ordinary_table_is_read_in_bulk(ram, monkeypatch):
 @pytest.mark.parametrize("writable_from", [0, ENTRIES], ids=["all writable", "all readable"])
 def test_one_sided_tables_take_the_bulk_path(ram, monkeypatch, writable_from):
     queue = offer_table(ram, ordinary_table(writable_from=writable_from))
-    monkeypatch.setattr(queue, "_walk_descriptors", lambda head: pytest.fail("took the general walk"))
+    bulk = bulk_results(queue, monkeypatch)
     chain = queue.pop()
+    assert bulk == [chain]
     assert (len(chain.readable), len(chain.writable)) == (writable_from, ENTRIES - writable_from)
 
 
@@ -125,16 +140,22 @@ MALFORMED = {  # name: (entries, what the general walk says)
 
 
 @pytest.mark.parametrize("entries, message", MALFORMED.values(), ids=MALFORMED.keys())
-def test_malformed_long_tables_are_refused_as_the_general_walk_refuses_them(ram, entries, message):
-    outcome = pop_outcome(offer_table(ram, entries), ram)
+def test_malformed_long_tables_are_refused_as_the_general_walk_refuses_them(ram, monkeypatch, entries, message):
+    queue = offer_table(ram, entries)
+    bulk = bulk_results(queue, monkeypatch)
+    outcome = pop_outcome(queue, ram)
+    assert bulk == [None]  # declined: the walk went on and found the error
     assert outcome[0] == "error" and message in outcome[2]
     assert outcome == general_walk_outcome(ram, entries)
 
 
-def test_a_long_table_of_more_than_4_gib_is_refused(ram):
+def test_a_long_table_of_more_than_4_gib_is_refused(ram, monkeypatch):
     # 1025 overlapping buffers of all RAM: each is fine, together they do not fit used.len.
     entries = [(0, RAM_SIZE, NEXT, i + 1) for i in range(1024)] + [(0, RAM_SIZE, 0, 0)]
-    outcome = pop_outcome(offer_table(ram, entries, size=2048), ram)
+    queue = offer_table(ram, entries, size=2048)
+    bulk = bulk_results(queue, monkeypatch)
+    outcome = pop_outcome(queue, ram)
+    assert bulk == [None]
     assert outcome[0] == "error" and "4 GiB" in outcome[2]
     assert outcome == general_walk_outcome(ram, entries, size=2048)
 
@@ -147,9 +168,12 @@ MALFORMED_HEADS = {  # the head descriptor pointing at a long table is wrong
 
 
 @pytest.mark.parametrize("head", MALFORMED_HEADS.values(), ids=MALFORMED_HEADS.keys())
-def test_malformed_heads_of_long_tables_are_refused(ram, head):
+def test_malformed_heads_of_long_tables_are_refused(ram, monkeypatch, head):
     entries = ordinary_table(QUEUE_SIZE + 1)
-    outcome = pop_outcome(offer_table(ram, entries, **head), ram)
+    queue = offer_table(ram, entries, **head)
+    bulk = bulk_results(queue, monkeypatch)
+    outcome = pop_outcome(queue, ram)
+    assert bulk == []  # refused before the table is read
     assert outcome[0] == "error"
     assert outcome == general_walk_outcome(ram, entries, **head)
 
@@ -165,8 +189,11 @@ UNUSUAL = {  # valid, but not for the bulk path: the general walk accepts them
 
 
 @pytest.mark.parametrize("entries", UNUSUAL.values(), ids=UNUSUAL.keys())
-def test_unusual_long_tables_are_accepted_by_the_general_walk(ram, entries):
-    outcome = pop_outcome(offer_table(ram, entries), ram)
+def test_unusual_long_tables_are_accepted_by_the_general_walk(ram, monkeypatch, entries):
+    queue = offer_table(ram, entries)
+    bulk = bulk_results(queue, monkeypatch)
+    outcome = pop_outcome(queue, ram)
+    assert bulk == [None]
     assert outcome[0] == "chain"
     assert outcome == general_walk_outcome(ram, entries)
 
