@@ -56,7 +56,7 @@ _pack_u16 = U16.pack_into
 _pack_used_element = USED_ELEMENT.pack_into
 
 # From how many entries an indirect table is checked in bulk. The bulk path costs about
-# 2.5 µs more than walking a 3-entry table, and overtakes the walk at some 26 entries
+# 2 µs more than walking a 3-entry table, and overtakes the walk at some 26 entries
 # (pop() timed on the development machine): a 4 KiB request's 3 entries are walked,
 # a 1 MiB one's up to 256 are not.
 BULK_TABLE_BYTES = 28 * DESCRIPTOR_SIZE
