@@ -14,6 +14,7 @@ from jail.policy import Clause, Comparison, Policy, Rule, load_policy, parse_pol
 
 _LAZY = {
     "JailConfig": "jail.sandbox", "JailedProcess": "jail.sandbox", "spawn": "jail.sandbox",
+    "start": "jail.sandbox", "StartingJail": "jail.sandbox",
     "SeccompListener": "jail.seccomp", "Violation": "jail.seccomp", "compile_filter": "jail.seccomp",
     "compile_program": "jail.seccomp", "receive_violation": "jail.seccomp", "respond": "jail.seccomp",
 }
@@ -32,4 +33,5 @@ __all__ = [
     "BindMount", "Clause", "close_fds_except", "Comparison", "JailConfig", "JailError", "JailedProcess",
     "Policy", "PolicyError", "Rule", "SeccompListener", "Violation", "compile_filter",
     "compile_program", "load_policy", "parse_policy", "receive_violation", "respond", "spawn",
+    "start", "StartingJail",
 ]

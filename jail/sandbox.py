@@ -11,6 +11,10 @@ Handshake over a private SOCK_SEQPACKET socketpair:
     caller -> child    "G"   (after writing the id maps, when the caller is root)
     child  -> caller   "R" [+ listener fd]             or "E" reason
     child closes the socket: its fd table is final, and spawn() returns.
+
+start() returns after "G", and the caller collects the rest with finish() when it
+suits it: the child jails itself (and runs its `prepare`, e.g. imports that need the
+host's files) while the caller gets on with its own work.
 """
 
 from __future__ import annotations
@@ -155,23 +159,66 @@ class _Plan:
     last_cap: int
 
 
-def spawn(config: JailConfig, target: Callable[[], int | None]) -> JailedProcess:
+def spawn(config: JailConfig, target: Callable[[], int | None],
+          prepare: Callable[[], None] | None = None) -> JailedProcess:
     """Start a child, jail it completely, then run target() in it.
 
     The child exits with target's return value (None: 0), or 70 after printing a
     one-line message to stderr (if fd 2 is kept) when target raises. spawn() returns
     once the child is fully jailed, or raises JailError with a one-line reason.
-    It forks: like os.fork(), it is safest before the process starts threads. The
-    child gets SIGKILL when the calling *thread* exits.
+    `prepare()`, if given, runs in the child before its root changes: what it imports
+    is there for target, which sees no host file. It forks: like os.fork(), it is
+    safest before the process starts threads. The child gets SIGKILL when the calling
+    *thread* exits.
     """
+    return start(config, target, prepare).finish()
+
+
+class StartingJail:
+    """A child that is jailing itself: start() has returned, finish() has not.
+
+    `process` is usable at once (its pidfd says if the child dies); the seccomp
+    listener comes with finish(). Any thread may call finish(), once.
+    """
+
+    def __init__(self, plan: _Plan, process: JailedProcess, sock: socket.socket, deadline: float):
+        self.plan = plan
+        self.process = process
+        self._sock = sock
+        self.deadline = deadline
+
+    def fileno(self) -> int:
+        """Readable when the child has something to say (finish() will not wait long)."""
+        return self._sock.fileno()
+
+    def finish(self) -> JailedProcess:
+        """Wait until the child is fully jailed (or start_timeout passed since start())."""
+        try:
+            with self._sock:
+                _receive_ready(self.plan, self.process, self._sock, self.deadline)
+        except BaseException:
+            self.process.kill()
+            self.process.wait()
+            self.process.close()
+            raise
+        return self.process
+
+    def close(self) -> None:
+        """Give up on the handshake (the caller kills the child)."""
+        self._sock.close()
+
+
+def start(config: JailConfig, target: Callable[[], int | None],
+          prepare: Callable[[], None] | None = None) -> StartingJail:
+    """Like spawn(), but return as soon as the child exists and may jail itself."""
     plan = _plan(config)
     parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     deadline = time.monotonic() + config.start_timeout
-    with parent_end:
+    try:
         helper = os.fork()
         if helper == 0:
             parent_end.close()
-            _run_helper(plan, child_end, target)
+            _run_helper(plan, child_end, target, prepare)
         child_end.close()
         try:
             kind, payload, _ = _receive(parent_end, deadline, config.name)
@@ -186,13 +233,16 @@ def spawn(config: JailConfig, target: Callable[[], int | None]) -> JailedProcess
         pid, user_namespace = _MIDDLE_MESSAGE.unpack(payload)
         process = JailedProcess(config.name, pid, user_namespace)
         try:
-            _finish_handshake(plan, process, parent_end, deadline)
+            _let_go(plan, process, parent_end)
         except BaseException:
             process.kill()
             process.wait()
             process.close()
             raise
-    return process
+    except BaseException:
+        parent_end.close()
+        raise
+    return StartingJail(plan, process, parent_end, deadline)
 
 
 def _plan(config: JailConfig) -> _Plan:
@@ -246,17 +296,21 @@ def _receive(sock: socket.socket, deadline: float, name: str) -> tuple[bytes, by
     return data[:1], data[1:], fds
 
 
-def _finish_handshake(plan: _Plan, process: JailedProcess, sock: socket.socket,
-                      deadline: float) -> None:
-    name = plan.name
+def _let_go(plan: _Plan, process: JailedProcess, sock: socket.socket) -> None:
+    """Write the child's id maps if that is ours to do, then tell it to jail itself."""
     if process.user_namespace and plan.privileged:
         try:
             namespaces.write_id_map(process.pid, 0, plan.host_uid, 0, plan.host_gid,
                                     deny_setgroups=False)
         except OSError as e:
-            raise JailError(_failure(name, f"cannot write the user namespace's id maps: "
-                                           f"{e.strerror}")) from None
+            raise JailError(_failure(plan.name, f"cannot write the user namespace's id maps: "
+                                                f"{e.strerror}")) from None
     sock.sendmsg([b"G"])
+
+
+def _receive_ready(plan: _Plan, process: JailedProcess, sock: socket.socket,
+                   deadline: float) -> None:
+    name = plan.name
     kind, payload, fds = _receive(sock, deadline, name)
     if kind == b"R":
         if plan.notify:
@@ -275,13 +329,13 @@ def _finish_handshake(plan: _Plan, process: JailedProcess, sock: socket.socket,
                                    f" and what Python needs to run?)"))
 
 
-def _run_helper(plan: _Plan, sock: socket.socket,
-                target: Callable[[], int | None]) -> NoReturn:
+def _run_helper(plan: _Plan, sock: socket.socket, target: Callable[[], int | None],
+                prepare: Callable[[], None] | None) -> NoReturn:
     """In the helper: clone the jailed child as a sibling, report its pid, exit."""
     try:
         pid, user_namespace = _clone_jailed(plan)
         if pid == 0:
-            _run_jailed(plan, sock, target, user_namespace)
+            _run_jailed(plan, sock, target, prepare, user_namespace)
         sock.sendmsg([b"P" + _MIDDLE_MESSAGE.pack(pid, user_namespace)])
         os._exit(0)
     except _SetupFailed as e:
@@ -338,10 +392,10 @@ def _step(what: str) -> Iterator[None]:
 
 
 def _run_jailed(plan: _Plan, sock: socket.socket, target: Callable[[], int | None],
-                user_namespace: bool) -> NoReturn:
+                prepare: Callable[[], None] | None, user_namespace: bool) -> NoReturn:
     """In the jailed child: jail ourselves step by step, then run target()."""
     try:
-        _jail_self(plan, sock, user_namespace)
+        _jail_self(plan, sock, prepare, user_namespace)
     except _SetupFailed as e:
         _send(sock, b"E", str(e))
         os._exit(SETUP_FAILED_STATUS)
@@ -351,7 +405,8 @@ def _run_jailed(plan: _Plan, sock: socket.socket, target: Callable[[], int | Non
     os._exit(_run_target(plan.name, target, stderr_kept=2 in plan.keep_fds))
 
 
-def _jail_self(plan: _Plan, sock: socket.socket, user_namespace: bool) -> None:
+def _jail_self(plan: _Plan, sock: socket.socket, prepare: Callable[[], None] | None,
+               user_namespace: bool) -> None:
     with _step("arm the parent-death signal"):
         privileges.die_with_parent(sock)
     if sock.recv(1) != b"G":  # the parent writes our id maps first, or died
@@ -367,6 +422,9 @@ def _jail_self(plan: _Plan, sock: socket.socket, user_namespace: bool) -> None:
         os.setsid()  # no controlling terminal: no job-control signals, no TIOCSTI
     with _step("close inherited file descriptors"):
         linux.close_fds_except(plan.keep_fds | {sock.fileno()})
+    if prepare is not None:
+        with _step("prepare"):  # the last step that sees the host's files
+            prepare()
     # With the caller's uid still (for root: an owner's access, but no capability
     # outside our user namespace), so that root can bind paths only it can reach.
     with _step("open a bind mount source"):

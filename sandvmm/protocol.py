@@ -121,19 +121,6 @@ def call(sock: socket.socket, msg, fds: list[int] = ()):
 # --- config channel: main asks, the device child answers ---------------------------------
 
 @message
-class DescribeDevice:
-    """First request on the config channel."""
-
-
-@message
-class DeviceDescription:
-    name: str
-    bars: list  # [[index, size, is_64bit, prefetchable], ...]
-    header: bytes = b""  # the configuration header (256 bytes), for main to answer reads from
-    volatile: list = ()  # [[register, length], ...] of the header that main must still ask for
-
-
-@message
 class ConfigRead:
     register: int
     size: int

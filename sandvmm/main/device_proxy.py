@@ -3,8 +3,9 @@
 The proxy sits on the PCI root like any function. Configuration-space and BAR accesses
 (setup-time traffic: the data path never comes here) become requests on the child's config
 channel. Configuration-space reads, most of the guest's PCI scan, are answered from a mirror
-of the header that the child sends at startup and after each write, with the registers main
-must still ask for (volatile ones) as they stand then. BAR writes are posted, as PCI posts
+of the header: computed by main from the device's pure transport at launch (`describe`),
+then as the child sends it after each write, with the registers main must still ask for
+(volatile ones) as they stand then. BAR writes are posted, as PCI posts
 memory writes: the vCPU goes on without waiting, and their answers are read before the next
 request (the channel keeps order, so a read still sees every earlier write done).
 
@@ -20,9 +21,9 @@ import os
 import socket
 import threading
 from dataclasses import dataclass, field
-from typing import Callable
 
 from sandvmm import protocol
+from sandvmm.devices.virtio import transport as virtio_pci
 from sandvmm.main import kvm
 from sandvmm.main.interrupts import IrqRouting, RouteError
 from sandvmm.main.pci import BarSpec
@@ -72,7 +73,11 @@ class DeviceProxy:
     channels: Channels
     intx_gsi: int
     bars: list[BarSpec] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    lock: threading.Lock = field(default_factory=threading.Lock)  # the config channel
+    # Not the channel's lock: a vCPU waiting on the channel for a starting child must not
+    # keep the supervisor from taking that child's ioevent registration.
+    ioevent_lock: threading.Lock = field(default_factory=threading.Lock)
+    bar_bases: dict[int, int | None] = field(default_factory=dict)  # where the guest mapped each BAR
     vector_gsis: list[int] = field(default_factory=list)
     vector_fds: list[int] = field(default_factory=list)
     routed: set[int] = field(default_factory=set)
@@ -83,30 +88,12 @@ class DeviceProxy:
     posted: int = 0  # BAR writes sent whose answers have not been read yet
     on_gone: object = None  # callable(name) -> None, set by the machine
 
-    # --- startup (synchronous, before any vCPU runs) -----------------------------------
-    def start(self, wait_for: Callable[[socket.socket], None] = lambda channel: None) -> None:
-        """The child's description, then its registrations. Raises DeviceGone if it died.
-
-        wait_for(channel) returns once the child has said something there, or raises
-        DeviceGone: a starting child that breaks its policy or hangs must not hang main.
-        """
-        try:
-            protocol.send(self.channels.config, protocol.DescribeDevice())
-            wait_for(self.channels.config)
-            description, fds = protocol.receive(self.channels.config)
-            for fd in fds:
-                os.close(fd)
-            if not isinstance(description, protocol.DeviceDescription):
-                raise protocol.ProtocolError(f"unexpected {type(description).__name__}")
-            self.bars = [BarSpec(index, size, bool(is64), bool(prefetch))
-                         for index, size, is64, prefetch in description.bars]
-            self._mirror(description.header, description.volatile)
-            wait_for(self.channels.irq)
-            self.serve_irq()
-            wait_for(self.channels.memory)
-            self.serve_memory()
-        except (OSError, EOFError, ValueError, protocol.ProtocolError) as error:
-            raise DeviceGone(f"device {self.name} failed to start: {error}") from None
+    def describe(self, transport) -> None:
+        """What the child will show before any write, computed here from the same pure
+        transport code the child runs: the PCI root can place the BARs and the guest can
+        read the header while the child is still starting."""
+        self.bars = [BarSpec(virtio_pci.BAR_INDEX, virtio_pci.BAR_SIZE, is_64bit=True, prefetchable=False)]
+        self._mirror(transport.header(), transport.volatile_registers())
 
     # --- requests from the child ---------------------------------------------------------
     def serve_irq(self) -> None:
@@ -146,8 +133,10 @@ class DeviceProxy:
         if (isinstance(msg, protocol.RegisterIoevents) and len(fds) == len(msg.offsets)
                 and msg.length in (1, 2, 4, 8) and msg.bar in sizes
                 and all(isinstance(o, int) and 0 <= o <= sizes[msg.bar] - msg.length for o in msg.offsets)):
-            with self.lock:
-                self.ioevents.append(Ioevents(msg.bar, msg.length, list(msg.offsets), fds))
+            group = Ioevents(msg.bar, msg.length, list(msg.offsets), fds)
+            with self.ioevent_lock:
+                self.ioevents.append(group)
+                self._place(group, self.bar_bases.get(msg.bar))  # the guest may have mapped it already
         else:
             ok, error = False, f"bad memory-channel request {type(msg).__name__}"
         protocol.send(self.channels.memory, protocol.Reply(ok=ok, error=error))
@@ -227,15 +216,19 @@ class DeviceProxy:
 
     def bar_mapped(self, index: int, base: int | None) -> None:
         """Move this BAR's ioeventfds with it, so queue kicks keep bypassing main."""
-        for group in self.ioevents:
-            if group.bar != index:
-                continue
-            for offset, fd in zip(group.offsets, group.fds):
-                if group.base is not None:
-                    self.vm.ioeventfd(fd, group.base + offset, group.length, deassign=True)
-                if base is not None:
-                    self.vm.ioeventfd(fd, base + offset, group.length)
-            group.base = base
+        with self.ioevent_lock:
+            self.bar_bases[index] = base
+            for group in self.ioevents:
+                if group.bar == index:
+                    self._place(group, base)
+
+    def _place(self, group: Ioevents, base: int | None) -> None:
+        for offset, fd in zip(group.offsets, group.fds):
+            if group.base is not None:
+                self.vm.ioeventfd(fd, group.base + offset, group.length, deassign=True)
+            if base is not None:
+                self.vm.ioeventfd(fd, base + offset, group.length)
+        group.base = base
 
     def close(self) -> None:
         self.channels.close()

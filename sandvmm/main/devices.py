@@ -1,34 +1,44 @@
 """Starting device children and watching over them.
 
 Each virtio device runs in its own child, jailed by the `jail` package (or merely forked
-with --disable-sandbox). Children are started before any thread exists in main, since fork
-and threads do not mix. Afterwards one supervisor thread in main serves every child's irq
-and memory channels, and notices a child's death or seccomp violation at once (pidfds and
-seccomp listener fds are pollable), so a dead device stops the VM instead of hanging it.
+with --disable-sandbox). Children are forked before any thread exists in main, since fork
+and threads do not mix, and main does not wait for them: a child imports its trio loop
+(which main never imports), jails itself and registers its eventfds while the vCPUs boot
+the guest, which does not touch a device for its first second or so. Main knows each
+device's BARs and header without asking (DeviceProxy.describe); a guest access that needs
+the child simply waits for it.
+
+One supervisor thread in main first collects each jailed child's handshake (and with it the
+seccomp listener), then serves every child's irq and memory channels, and notices a child's
+death or seccomp violation at once (pidfds and seccomp listener fds are pollable), so a dead
+device stops the VM instead of hanging it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal
 import sys
 import threading
-import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import jail
 
-from sandvmm.devices.virtio import shell
+from sandvmm.devices.virtio.transport import VirtioPciTransport
 from sandvmm.errors import UserError
-from sandvmm.main.device_proxy import Channels, DeviceGone, DeviceProxy
+from sandvmm.main.device_proxy import Channels, DeviceProxy
 from sandvmm.memory import GuestMemory
 
+if TYPE_CHECKING:
+    from sandvmm.devices.virtio import shell
+
 POLICY_DIR = Path(__file__).resolve().parents[2] / "policies" / "x86_64"
-STARTUP_TIMEOUT = 60.0  # seconds for a jailed child to describe itself (Python under the lab's TCG is slow)
+STARTUP_TIMEOUT = 60.0  # seconds for a child to jail itself (Python under the lab's TCG is slow)
 
 
 @dataclass
@@ -79,6 +89,17 @@ class ForkedProcess:
         os.close(self.pidfd)
 
 
+def _import_device_loop() -> None:
+    """In a child, before its root changes: trio and the device loop, from the host's files."""
+    from sandvmm.devices.virtio import shell  # noqa: F401 (kept in sys.modules for _serve)
+
+
+def _serve(spec: DeviceSpec, memory: GuestMemory, channel_fds: Sequence[int]) -> int:
+    from sandvmm.devices.virtio import shell  # already imported by _import_device_loop
+
+    return shell.serve(spec.core, memory, channel_fds, spec.backend_tasks)
+
+
 def _wait_status(pid: int) -> str:
     """Reap the child; say how it ended."""
     try:
@@ -104,6 +125,7 @@ class Device:
     spec: DeviceSpec
     process: object
     proxy: DeviceProxy
+    starting: object = None  # a jail.StartingJail until the supervisor has its handshake
     ended: bool = False
     reported_syscalls: set[str] = field(default_factory=set)
 
@@ -119,54 +141,44 @@ class DeviceHost:
     lock: threading.Lock = field(default_factory=threading.Lock)  # the supervisor and vCPUs both reap
 
     def launch(self, spec: DeviceSpec, memory: GuestMemory, make_proxy: Callable[[Channels], DeviceProxy]) -> DeviceProxy:
+        """Fork the device's child and return its proxy without waiting for the child."""
         parent, child = Channels.pairs()
         keep = [*child.fds(), *spec.keep_fds, sys.stderr.fileno()]
-        target = lambda: shell.serve(spec.core, memory, child.fds(), spec.backend_tasks)  # noqa: E731
+        target = lambda: _serve(spec, memory, child.fds())  # noqa: E731
         try:
-            process = self._spawn(spec, keep, target)
+            process, starting = self._spawn(spec, keep, target)
         finally:
             child.close()
         proxy = make_proxy(parent)
+        proxy.describe(VirtioPciTransport(spec.core))
         proxy.on_gone = lambda name, why: self._gone(name)
-        device = Device(spec, process, proxy)
-        self.devices.append(device)
-        try:
-            proxy.start(lambda channel: self._wait_while_starting(device, channel))
-        except DeviceGone as error:
-            raise UserError(str(error), hint="--disable-sandbox shows a device's traceback") from None
+        self.devices.append(Device(spec, process, proxy, starting))
         return proxy
 
     def _spawn(self, spec: DeviceSpec, keep: list[int], target: Callable[[], int]):
         if not self.sandbox.enabled:
-            return ForkedProcess(target, keep)
+            return ForkedProcess(target, keep), None
         policy = check_policy(self.sandbox, spec.policy_name)
-        config = jail.JailConfig(name=f"sandvmm-{spec.name}", policy=policy, violation_action="notify", keep_fds=keep)
+        config = jail.JailConfig(name=f"sandvmm-{spec.name}", policy=policy, violation_action="notify",
+                                 keep_fds=keep, start_timeout=STARTUP_TIMEOUT)
         try:
-            return jail.spawn(config, target)
+            starting = jail.start(config, target, prepare=_import_device_loop)
         except (jail.JailError, jail.PolicyError) as error:
             raise UserError(f"cannot sandbox device {spec.name}: {error}",
                             hint="sandvmm doctor checks what the sandbox needs; --disable-sandbox runs devices unjailed") from None
+        return starting.process, starting
 
-    def _wait_while_starting(self, device: Device, channel) -> None:
-        """Until the child speaks on channel. Before the supervisor thread runs, this is what
-        notices a child that dies, breaks its seccomp policy (it would wait for our verdict
-        forever) or hangs."""
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        listener = device.process.listener_fd
-        while not device.ended:
-            watched = [channel.fileno(), device.process.pidfd, *([listener] if listener is not None else [])]
-            ready, _, _ = select.select(watched, [], [], max(0.0, deadline - time.monotonic()))
-            if channel.fileno() in ready:
-                return
-            if listener is not None and listener in ready:
-                self._violation(device)  # stops it, or lets the call through under --seccomp-log-failures
-            elif device.process.pidfd in ready:
-                with self.lock:
-                    device.ended = True
-                    raise DeviceGone(f"device {device.spec.name} failed to start: {_wait_status(device.process.pid)}")
-            elif not ready:
-                raise DeviceGone(f"device {device.spec.name} did not start within {STARTUP_TIMEOUT:.0f} s")
-        raise DeviceGone(f"device {device.spec.name} was stopped while starting")
+    def _finish_starting(self, device: Device) -> bool:
+        """The child's handshake (it is jailed, and its seccomp listener is ours); False if it failed."""
+        starting, device.starting = device.starting, None
+        try:
+            starting.finish()  # a child that dies or hangs meanwhile ends this with an error
+        except jail.JailError as error:
+            with self.lock:
+                device.ended = True  # finish() reaped it
+            self.on_failure(f"device {device.spec.name} failed to start: {error}")
+            return False
+        return True
 
     # --- the supervisor thread -----------------------------------------------------------------
     def start(self) -> None:
@@ -179,6 +191,8 @@ class DeviceHost:
         handlers: dict[int, Callable[[], None]] = {self.wakeup_read: lambda: None}
         poller.register(self.wakeup_read, select.POLLIN)
         for device in self.devices:
+            if device.starting is not None and not self._finish_starting(device):
+                continue
             for fd, handler in ((device.proxy.channels.irq.fileno(), device.proxy.serve_irq),
                                 (device.proxy.channels.memory.fileno(), device.proxy.serve_memory),
                                 (device.process.pidfd, lambda d=device: self._died(d))):
@@ -207,7 +221,10 @@ class DeviceHost:
 
     def _gone(self, name: str) -> None:
         device = next(d for d in self.devices if d.spec.name == name)
-        select.select([device.process.pidfd], [], [], 1.0)  # it is dying: let the pidfd say how
+        if device.ended:  # already reported (a failed start closed its pidfd)
+            return
+        with contextlib.suppress(ValueError, OSError):
+            select.select([device.process.pidfd], [], [], 1.0)  # it is dying: let the pidfd say how
         self._died(device)
 
     def _violation(self, device: Device) -> bool:
@@ -233,14 +250,17 @@ class DeviceHost:
 
     def stop(self) -> None:
         """Kill and reap every child: none outlives the VM."""
+        for device in self.devices:  # first, so that a handshake the supervisor waits for ends now
+            device.process.kill()
         if self.thread is not None:
             os.write(self.wakeup_write, b"x")
             self.thread.join(timeout=2)
         for device in self.devices:
             with self.lock:
-                device.process.kill()
                 if not device.ended:
                     device.ended = True
                     _wait_status(device.process.pid)
+            if device.starting is not None:  # never collected (stopped before the supervisor ran)
+                device.starting.close()
             device.proxy.close()
             device.process.close()

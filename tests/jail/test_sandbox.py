@@ -20,7 +20,7 @@ import time
 import pytest
 import trio
 
-from jail import JailConfig, JailError, Policy, load_policy, parse_policy, spawn
+from jail import JailConfig, JailError, Policy, load_policy, parse_policy, spawn, start
 from tests.jail.conftest import (
     MINIMAL_POLICY,
     POLICIES,
@@ -222,6 +222,65 @@ def test_log_action_lets_the_child_go_on(jails, pipe):
     assert child.listener is None
     os.write(write_end, b"x")
     assert child.wait(timeout=10) == 9
+
+
+def test_prepare_runs_before_the_root_changes_and_its_work_is_kept(tmp_path, pipe):
+    read_end, report = pipe
+    (tmp_path / "host_only_module.py").write_text("VALUE = 'imported from the host'\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        def target() -> None:
+            import host_only_module  # noqa: F401 — already in sys.modules: prepare imported it
+            try:
+                os.close(os.open(str(tmp_path / "host_only_module.py"), os.O_RDONLY))
+                seen = b"host files"
+            except OSError:
+                seen = b"no host files"
+            os.write(report, host_only_module.VALUE.encode() + b", " + seen)
+
+        child = spawn(JailConfig("prepared", WITH_OPENAT, "kill", keep_fds=(report,)), target,
+                      prepare=lambda: __import__("host_only_module"))
+        assert child.wait(timeout=10) == 0
+        child.close()
+        assert os.read(read_end, 100) == b"imported from the host, no host files"
+        assert "host_only_module" not in sys.modules  # it ran in the child only
+    finally:
+        sys.path.remove(str(tmp_path))
+
+
+def test_a_failing_prepare_is_a_one_line_jail_error():
+    def prepare() -> None:
+        raise ImportError("no module named\nnot_there")
+
+    with pytest.raises(JailError, match="prepare: ImportError: no module named not_there") as caught:
+        spawn(JailConfig("unprepared", MINIMAL_POLICY, "kill"), lambda: 0, prepare=prepare)
+    assert "\n" not in str(caught.value)
+
+
+def test_start_returns_while_the_child_prepares_and_finish_waits_for_it(pipe):
+    read_end, write_end = pipe
+    # prepare() waits for the test's byte: start() must return without it.
+    starting = start(JailConfig("slow", MINIMAL_POLICY, "notify", keep_fds=(read_end,)), lambda: 0,
+                     prepare=lambda: os.read(read_end, 1))
+    try:
+        assert select.select([starting], [], [], 0.2)[0] == []  # not jailed yet: nothing said
+        assert starting.process.poll() is None
+        os.write(write_end, b"x")
+        child = starting.finish()
+        assert child.listener_fd is not None  # the notify listener comes with finish()
+        assert child.wait(timeout=10) == 0
+    finally:
+        starting.process.kill()
+        starting.process.wait(timeout=10)
+        starting.process.close()
+
+
+def test_finish_reports_a_child_that_died_while_preparing():
+    starting = start(JailConfig("dies", MINIMAL_POLICY, "kill"), lambda: 0,
+                     prepare=lambda: os._exit(9))
+    with pytest.raises(JailError, match="exited with status 9 while being jailed"):
+        starting.finish()
+    assert starting.process.returncode == 9
 
 
 def test_uncaught_exception_exits_70_with_one_line(jails, capfd):

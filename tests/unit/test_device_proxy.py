@@ -1,6 +1,7 @@
 """Main's proxy of a device child, against a real (unjailed) child on the host: no KVM needed."""
 
 import os
+import queue
 import shutil
 import struct
 import time
@@ -12,7 +13,6 @@ from sandvmm.devices.rng.core import RngCore
 from sandvmm.devices.virtio import shell
 from sandvmm.devices.virtio import transport as virtio_pci
 from sandvmm.main.device_proxy import MAX_POSTED_WRITES, Channels, DeviceProxy
-from sandvmm.errors import UserError
 from sandvmm.main.devices import POLICY_DIR, DeviceHost, DeviceSpec, ForkedProcess, SandboxOptions
 from sandvmm.main.interrupts import IrqRouting
 from sandvmm.memory import MiB, GuestMemory
@@ -23,9 +23,16 @@ class FakeVm:
 
     def __init__(self):
         self.irqfds = []
+        self.ioevents = []
 
     def irqfd(self, fd, gsi, resample_fd=None):
         self.irqfds.append(gsi)
+
+    def ioeventfd(self, fd, address, length, deassign=False):
+        if deassign:
+            self.ioevents.remove(address)
+        else:
+            self.ioevents.append(address)
 
 
 @pytest.fixture
@@ -36,7 +43,9 @@ def proxy(monkeypatch):
     child.close()
     vm = FakeVm()
     device = DeviceProxy("rng", vm, IrqRouting(vm), parent, intx_gsi=16)
-    device.start()
+    device.describe(virtio_pci.VirtioPciTransport(RngCore(os.urandom)))
+    device.serve_irq()  # what the supervisor thread does for a real VM: the child registers
+    device.serve_memory()  # its eventfds before it answers on the config channel
     calls = []
     real_call = protocol.call
     monkeypatch.setattr(protocol, "call", lambda sock, msg, fds=(): calls.append(msg) or real_call(sock, msg, fds))
@@ -115,30 +124,86 @@ def test_a_dead_child_reads_as_all_ones_where_asked_and_keeps_its_mirror(proxy):
     proxy.config_write(virtio_pci.COMMAND, b"\x00\x00")  # no exception: the VM is being stopped anyway
 
 
-@pytest.mark.parametrize("log_failures", [False, True])
-def test_a_child_breaking_its_policy_while_starting_is_stopped_or_logged_not_waited_for(tmp_path, log_failures):
-    """Before the supervisor thread runs, main itself must answer a starting child's violation."""
+def _sandbox_without_eventfd2(tmp_path, log_failures):
+    """Policies under which the shell breaks its policy first thing (it makes eventfds)."""
     policy_dir = tmp_path / "policies"
     shutil.copytree(POLICY_DIR, policy_dir)
     common = policy_dir / "common_device.policy"
     common.write_text("".join(line for line in common.read_text().splitlines(keepends=True)
-                              if not line.startswith("eventfd2:")))  # the shell makes its eventfds first thing
-    host = DeviceHost(SandboxOptions(policy_dir=policy_dir, log_failures=log_failures), on_failure=lambda why: None)
+                              if not line.startswith("eventfd2:")))
+    return SandboxOptions(policy_dir=policy_dir, log_failures=log_failures)
+
+
+@pytest.mark.parametrize("log_failures", [False, True])
+def test_a_child_breaking_its_policy_while_starting_is_stopped_or_logged_not_waited_for(tmp_path, log_failures):
+    """The supervisor collects the starting child's seccomp listener and answers it."""
+    failures = queue.Queue()
+    host = DeviceHost(_sandbox_without_eventfd2(tmp_path, log_failures), on_failure=failures.put)
     memory = GuestMemory(4 * MiB)
     vm = FakeVm()
     started = time.monotonic()
     try:
         spec = DeviceSpec("rng", RngCore(os.urandom))
-        if log_failures:
-            proxy = host.launch(spec, memory, lambda channels: DeviceProxy("rng", vm, IrqRouting(vm), channels, 16))
-            assert proxy.config_read(0, 2) == struct.pack("<H", virtio_pci.VIRTIO_VENDOR_ID)
+        proxy = host.launch(spec, memory, lambda channels: DeviceProxy("rng", vm, IrqRouting(vm), channels, 16))
+        assert time.monotonic() - started < 5  # launch() did not wait for the child
+        host.start()
+        if log_failures:  # let through: the child runs and answers a write
+            proxy.config_write(virtio_pci.COMMAND, struct.pack("<H", virtio_pci.COMMAND_MEMORY))
+            assert struct.unpack("<H", proxy.config_read(virtio_pci.COMMAND, 2))[0] == virtio_pci.COMMAND_MEMORY
+            assert failures.empty()
         else:
-            with pytest.raises(UserError, match="device rng was stopped while starting"):
-                host.launch(spec, memory, lambda channels: DeviceProxy("rng", vm, IrqRouting(vm), channels, 16))
+            assert failures.get(timeout=10) == "device rng was stopped by its seccomp policy (eventfd2)"
     finally:
         host.stop()
         memory.close()
     assert time.monotonic() - started < 10
+
+
+def test_a_child_that_cannot_start_stops_the_vm_with_a_reason(tmp_path, monkeypatch):
+    import sandvmm.main.devices as devices
+
+    def broken_import() -> None:
+        raise ImportError("no module named trio")
+
+    monkeypatch.setattr(devices, "_import_device_loop", broken_import)
+    failures = queue.Queue()
+    host = DeviceHost(SandboxOptions(), on_failure=failures.put)
+    memory = GuestMemory(4 * MiB)
+    vm = FakeVm()
+    try:
+        proxy = host.launch(DeviceSpec("rng", RngCore(os.urandom)), memory,
+                            lambda channels: DeviceProxy("rng", vm, IrqRouting(vm), channels, 16))
+        host.start()
+        reason = failures.get(timeout=10)
+        assert reason.startswith("device rng failed to start: cannot start jailed 'sandvmm-rng': prepare: "
+                                 "ImportError: no module named trio"), reason
+        # A vCPU that asks the dead child gets all-ones, not a hang.
+        assert proxy.config_read(virtio_pci.PCI_CFG_DATA, 4) == b"\xff" * 4
+    finally:
+        host.stop()
+        memory.close()
+
+
+def test_a_guest_access_waits_for_a_starting_child_and_ioevents_follow_an_early_mapping(tmp_path):
+    """The vCPUs run before the children are up: reads come from main, writes wait."""
+    host = DeviceHost(SandboxOptions(enabled=False), on_failure=lambda why: None)
+    memory = GuestMemory(4 * MiB)
+    vm = FakeVm()
+    try:
+        proxy = host.launch(DeviceSpec("rng", RngCore(os.urandom)), memory,
+                            lambda channels: DeviceProxy("rng", vm, IrqRouting(vm), channels, 16))
+        assert proxy.config_read(0, 2) == struct.pack("<H", virtio_pci.VIRTIO_VENDOR_ID)  # no child needed
+        proxy.bar_mapped(virtio_pci.BAR_INDEX, 0xE000_0000)  # the guest maps the BAR before the child registered
+        host.start()  # the supervisor serves the child's registrations
+        proxy.config_write(virtio_pci.COMMAND, struct.pack("<H", virtio_pci.COMMAND_MEMORY))  # waits for the child
+        deadline = time.monotonic() + 10
+        while not vm.ioevents and time.monotonic() < deadline:
+            time.sleep(0.01)
+        transport = virtio_pci.VirtioPciTransport(RngCore(os.urandom))
+        assert vm.ioevents == [0xE000_0000 + transport.notify_offset(0)]
+    finally:
+        host.stop()
+        memory.close()
 
 
 def test_bar_writes_are_posted_and_a_later_read_sees_them_all(proxy):

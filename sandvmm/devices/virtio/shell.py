@@ -81,12 +81,7 @@ class DeviceShell:
         return reply
 
     async def run(self) -> None:
-        request = await self._receive(self.config)
-        if not isinstance(request, protocol.DescribeDevice):
-            raise protocol.ProtocolError(f"expected DescribeDevice, got {type(request).__name__}")
-        bar = [virtio_pci.BAR_INDEX, virtio_pci.BAR_SIZE, 1, 0]
-        header = self._header_state()
-        await self._send(self.config, protocol.DeviceDescription(self.core.name, [bar], header.header, header.volatile))
+        # Main computed our BARs and header itself (DeviceProxy.describe): first our eventfds.
         await self._call(self.irq, protocol.RegisterIrqfds(len(self.vectors)),
                          self.vectors + [self.intx, self.resample])
         offsets = [self.transport.notify_offset(index) for index in range(len(self.kicks))]
