@@ -6,6 +6,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -189,8 +190,11 @@ def test_the_block_child_sees_no_files_and_its_policy_has_no_open(tmp_path):
                     and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1] == str(process.pid)]
         assert len(children) == 1
         (child,) = children
-        status = Path(f"/proc/{child}/status").read_text()
-        assert "Seccomp:\t2" in status
+        # The child jails itself while the guest boots (it runs no device code before): wait for it.
+        deadline = time.monotonic() + 60
+        while "Seccomp:\t2" not in (status := Path(f"/proc/{child}/status").read_text()):
+            assert time.monotonic() < deadline, status
+            time.sleep(0.1)
         assert os.listdir(f"/proc/{child}/root") == []
     finally:
         process.send_signal(signal.SIGTERM)
