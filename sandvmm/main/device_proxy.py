@@ -78,6 +78,7 @@ class DeviceProxy:
     # keep the supervisor from taking that child's ioevent registration.
     ioevent_lock: threading.Lock = field(default_factory=threading.Lock)
     bar_bases: dict[int, int | None] = field(default_factory=dict)  # where the guest mapped each BAR
+    started: threading.Event = field(default_factory=threading.Event)
     vector_gsis: list[int] = field(default_factory=list)
     vector_fds: list[int] = field(default_factory=list)
     routed: set[int] = field(default_factory=set)
@@ -140,6 +141,7 @@ class DeviceProxy:
         else:
             ok, error = False, f"bad memory-channel request {type(msg).__name__}"
         protocol.send(self.channels.memory, protocol.Reply(ok=ok, error=error))
+        self.started.set()  # the child's last startup request: it serves its config channel next
 
     # --- PciFunction ---------------------------------------------------------------------
     @contextlib.contextmanager

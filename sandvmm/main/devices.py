@@ -22,6 +22,7 @@ import select
 import signal
 import sys
 import threading
+import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -185,6 +186,13 @@ class DeviceHost:
         self.wakeup_read, self.wakeup_write = os.pipe2(os.O_CLOEXEC)
         self.thread = threading.Thread(target=self._supervise, name="devices", daemon=True)
         self.thread.start()
+
+    def wait_started(self, timeout: float = STARTUP_TIMEOUT) -> None:
+        """Until every child has made its startup requests, or failed (the supervisor reports that)."""
+        deadline = time.monotonic() + timeout
+        for device in self.devices:
+            while not device.proxy.started.wait(0.05) and not device.ended and time.monotonic() < deadline:
+                pass
 
     def _supervise(self) -> None:
         poller = select.poll()

@@ -174,6 +174,9 @@ def test_a_child_that_cannot_start_stops_the_vm_with_a_reason(tmp_path, monkeypa
         proxy = host.launch(DeviceSpec("rng", RngCore(os.urandom)), memory,
                             lambda channels: DeviceProxy("rng", vm, IrqRouting(vm), channels, 16))
         host.start()
+        started = time.monotonic()
+        host.wait_started()  # a one-CPU host waits here before its vCPUs: the failure ends the wait
+        assert time.monotonic() - started < 10 and not proxy.started.is_set()
         reason = failures.get(timeout=10)
         assert reason.startswith("device rng failed to start: cannot start jailed 'sandvmm-rng': prepare: "
                                  "ImportError: no module named trio"), reason
@@ -195,6 +198,8 @@ def test_a_guest_access_waits_for_a_starting_child_and_ioevents_follow_an_early_
         assert proxy.config_read(0, 2) == struct.pack("<H", virtio_pci.VIRTIO_VENDOR_ID)  # no child needed
         proxy.bar_mapped(virtio_pci.BAR_INDEX, 0xE000_0000)  # the guest maps the BAR before the child registered
         host.start()  # the supervisor serves the child's registrations
+        host.wait_started()
+        assert proxy.started.is_set()
         proxy.config_write(virtio_pci.COMMAND, struct.pack("<H", virtio_pci.COMMAND_MEMORY))  # waits for the child
         deadline = time.monotonic() + 10
         while not vm.ioevents and time.monotonic() < deadline:
