@@ -51,21 +51,29 @@ def parse(output: str) -> tuple[float, float] | None:
     return None
 
 
-def run_sandvmm(kernel: str, initrd: str, disk: str, script: str) -> str:
-    command = [sys.executable, "-m", "sandvmm", "run", "--mem", "1024", "--kernel", kernel, "--initrd", initrd,
-               "--block", disk, "--", "sh", "-c", script]
-    return subprocess.run(command, capture_output=True, text=True, timeout=900).stdout
+def output(command: list[str], timeout: float) -> str:
+    """The VMM's console output; empty (a failed row) if it did not finish in time."""
+    try:
+        return subprocess.run(command, capture_output=True, text=True, timeout=timeout).stdout
+    except subprocess.TimeoutExpired:
+        print(f"{command[0]} ...: no result within {timeout:.0f} s", file=sys.stderr)
+        return ""
 
 
-def run_qemu(kernel: str, initrd: str, disk: str, script: str) -> str:
+def sandvmm_command(kernel: str, initrd: str, disk: str, script: str) -> list[str]:
+    return [sys.executable, "-m", "sandvmm", "run", "--mem", "1024", "--kernel", kernel, "--initrd", initrd,
+            "--block", disk, "--", "sh", "-c", script]
+
+
+def qemu_disk_command(kernel: str, initrd: str, disk: str, script: str) -> list[str]:
     command = qemu_command(PeerConfig(["sh", "-c", script], machine="q35", mem_mib=1024), kernel, initrd)
-    command += ["-drive", f"file={disk},if=none,id=disk0,format=raw", "-device", "virtio-blk-pci,drive=disk0"]
-    return subprocess.run(command, capture_output=True, text=True, timeout=900).stdout
+    return command + ["-drive", f"file={disk},if=none,id=disk0,format=raw", "-device", "virtio-blk-pci,drive=disk0"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=10, help="fio runtime per job")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds a VMM gets per job before it counts as failed")
     args = parser.parse_args()
     image = ensure_image(["fio"])
     rows = []
@@ -78,11 +86,11 @@ def main() -> None:
                        check=True, capture_output=True)
         for name, options in JOBS.items():
             script = fio_script(options, args.seconds)
-            ours = parse(run_sandvmm(str(image.kernel), str(image.initrd), disk, script))
-            theirs = parse(run_qemu(str(image.kernel), str(image.initrd), disk, script))
+            ours = parse(output(sandvmm_command(str(image.kernel), str(image.initrd), disk, script), args.timeout))
+            theirs = parse(output(qemu_disk_command(str(image.kernel), str(image.initrd), disk, script), args.timeout))
             rows.append((name, ours, theirs))
             print(f"{name}: sandvmm {ours} qemu {theirs}", file=sys.stderr, flush=True)
-    print(f"\n| job | sandvmm MB/s | sandvmm IOPS | QEMU MB/s | QEMU IOPS | sandvmm/QEMU |")
+    print("\n| job | sandvmm MB/s | sandvmm IOPS | QEMU MB/s | QEMU IOPS | sandvmm/QEMU |")
     print("|---|---|---|---|---|---|")
     for name, ours, theirs in rows:
         if ours is None or theirs is None:
