@@ -40,6 +40,7 @@ LOW_BOOT_AREA_END = 0x100000  # our boot structures and the BIOS area: no kernel
 ELF_INITRD_ADDR_MAX = 0x7FFFFFFF
 ELF_CMDLINE_SIZE = 2047  # COMMAND_LINE_SIZE - 1
 ELF_MAGIC, ELFCLASS64, ELFDATA2LSB, EM_X86_64, PT_LOAD = b"\x7fELF", 2, 1, 62, 1
+ELF_HEADERS_READ = 64 * 1024  # the ELF header and program headers of any vmlinux fit
 
 
 @dataclass(frozen=True)
@@ -163,7 +164,6 @@ def _read_fully(file, target: memoryview) -> int:
     while done < len(target) and (count := file.readinto(target[done:])):
         done += count
     return done
-ELF_HEADERS_READ = 64 * 1024  # the ELF header and program headers of any vmlinux fit
 
 
 def read_kernel(path: Path) -> Kernel:
