@@ -14,6 +14,7 @@ from sandvmm.devices.block.core import (
     MAX_DISCARD_SECTORS,
     MAX_DISCARD_SEGMENTS,
     MAX_WRITE_ZEROES_SEGMENTS,
+    SLICE_BYTES,
     BlockCore,
 )
 from sandvmm.devices.block.disk import DiskError
@@ -138,7 +139,8 @@ class Rig:
         return self.driver.add_chain(readable=readable, writable=writable, **options)
 
     def run(self) -> list[tuple[int, int]]:
-        self.core.process(0)
+        while self.core.process(0):  # as the device's loop does: a slice at a time
+            pass
         return self.driver.used()
 
     def one(self, *args, **options) -> tuple[int, bytes]:
@@ -314,6 +316,26 @@ def test_many_requests_complete_in_one_kick(memory):
     for n, head in enumerate(heads[20:]):
         assert rig.driver.written_data(head) == bytes([n]) * 512 + b"\0"
     assert rig.core.process(0) == []  # nothing new
+
+
+def test_a_call_stops_after_a_slice_of_data(memory):
+    # The shell interrupts after each call, so the driver sees finished requests early.
+    rig = Rig(memory, MemoryDisk(4 * MiB))
+    request = SLICE_BYTES // 2
+    writes = [rig.submit(T_OUT, n * request // 512, bytes([n + 1]) * request) for n in range(3)]
+    reads = [rig.submit(T_IN, n * request // 512, writable=[request, 1]) for n in range(3)]
+    assert rig.core.process(0) == [0]
+    assert [head for head, _ in rig.driver.used()] == writes[:2]
+    assert rig.core.process(0) == [0]
+    assert [head for head, _ in rig.driver.used()] == [writes[2], reads[0]]
+    assert rig.core.process(0) == [0] and rig.core.process(0) == []
+    assert [head for head, _ in rig.driver.used()] == reads[1:]
+    for n, head in enumerate(reads):
+        assert rig.driver.written_data(head) == bytes([n + 1]) * request + bytes([S_OK])
+    big = rig.submit(T_IN, 0, writable=[2 * SLICE_BYTES, 1])  # larger than a slice: still whole
+    small = rig.submit(T_IN, 0, writable=[512, 1])
+    assert rig.core.process(0) == [0] and [head for head, _ in rig.driver.used()] == [big]
+    assert rig.run() == [(small, 513)]
 
 
 # ---- buffer layouts ---------------------------------------------------------------------------

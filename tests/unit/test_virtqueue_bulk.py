@@ -1,8 +1,8 @@
-"""The virtqueue's bulk path for long indirect tables (SplitQueue._ordinary_table).
+"""The virtqueue's bulk paths for indirect tables (SplitQueue._ordinary_table, _three_entry_table).
 
 A table of BULK_TABLE_BYTES or more behind a head descriptor is read in bulk when it is
-ordinary; anything else goes to the general walk, which must then decide exactly as it
-does for short tables. Each test here is about a table long enough for the bulk path.
+ordinary, and so is a table of exactly three entries (a 4 KiB block request); anything
+else goes to the general walk, which must then decide exactly as it does for other tables.
 """
 
 import pytest
@@ -56,16 +56,16 @@ def offer_table(memory, entries, head_flags=INDIRECT, table_length=None, queue_m
     return queue
 
 
-def bulk_results(queue, monkeypatch):
-    """What the bulk path returns, each time the walk offers it a table (a list that grows)."""
+def bulk_results(queue, monkeypatch, path="_ordinary_table"):
+    """What a bulk path returns, each time pop() offers it a table (a list that grows)."""
     results = []
-    offer = queue._ordinary_table
+    offer = getattr(queue, path)
 
     def record(*args):
         results.append(offer(*args))
         return results[-1]
 
-    monkeypatch.setattr(queue, "_ordinary_table", record)
+    monkeypatch.setattr(queue, path, record)
     return results
 
 
@@ -212,8 +212,8 @@ ADDRESSES = (BUFFERS, RAM_SIZE - 32, RAM_SIZE - 8, RAM_SIZE, 2**64 - 8, TABLE, 0
 
 
 @st.composite
-def bent_tables(draw):
-    count = draw(st.integers(ENTRIES // 2, QUEUE_SIZE))
+def bent_tables(draw, counts=st.integers(ENTRIES // 2, QUEUE_SIZE)):
+    count = draw(counts)
     entries = ordinary_table(count, writable_from=draw(st.integers(0, count)))
     for _ in range(draw(st.integers(0, 3))):
         index, field, value = draw(st.integers(0, count - 1)), draw(st.sampled_from(FIELDS)), draw(st.integers(0, 2**16))
@@ -228,7 +228,16 @@ def bent_tables(draw):
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(entries=bent_tables())
 def test_bent_long_tables_come_out_as_the_general_walk_and_the_reference_say(shared_memory, entries):
-    memory = shared_memory
+    check_against_general_walk_and_reference(shared_memory, entries)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(entries=bent_tables(st.just(3)))
+def test_bent_three_entry_tables_come_out_as_the_general_walk_and_the_reference_say(shared_memory, entries):
+    check_against_general_walk_and_reference(shared_memory, entries)
+
+
+def check_against_general_walk_and_reference(memory, entries):
     memory.view[:] = bytes(RAM_SIZE)
     queue = offer_table(memory, entries)
     snapshot = memory.read(0, RAM_SIZE)
@@ -245,3 +254,54 @@ def test_bent_long_tables_come_out_as_the_general_walk_and_the_reference_say(sha
     assert outcome[0] == "chain"
     assert outcome[2] == [(address, length) for address, length, writable in expected if not writable]
     assert outcome[3] == [(address, length) for address, length, writable in expected if writable]
+
+
+# ---- three-entry tables: header, data, status -----------------------------------------------
+
+@pytest.mark.parametrize("writable_from, readable_length, writable_length", [(1, 16, 17 + 18), (2, 16 + 17, 18)],
+                         ids=["a read", "a write"])
+def test_three_entry_tables_are_read_whole(ram, monkeypatch, writable_from, readable_length, writable_length):
+    entries = ordinary_table(3, writable_from=writable_from)
+    queue = offer_table(ram, entries)
+    three = bulk_results(queue, monkeypatch, "_three_entry_table")
+    chain = queue.pop()
+    assert three == [chain]
+    assert ranges(ram, chain.readable) == [(address, length) for address, length, *_ in entries[:writable_from]]
+    assert ranges(ram, chain.writable) == [(address, length) for address, length, *_ in entries[writable_from:]]
+    assert [view.readonly for view in chain.readable + chain.writable] == [True] * writable_from + [False] * (3 - writable_from)
+    assert (chain.readable_length, chain.writable_length) == (readable_length, writable_length)
+
+
+UNUSUAL_THREE = {  # valid, but not what the three-entry path takes
+    "all readable": ordinary_table(3, writable_from=3),
+    "all writable": ordinary_table(3, writable_from=0),
+    "links out of order": [(BUFFERS, 8, NEXT, 2), (BUFFERS + 0x100, 8, WRITE, 0), (BUFFERS + 0x200, 8, WRITE | NEXT, 1)],
+}
+
+
+@pytest.mark.parametrize("entries", UNUSUAL_THREE.values(), ids=UNUSUAL_THREE.keys())
+def test_unusual_three_entry_tables_are_walked(ram, monkeypatch, entries):
+    queue = offer_table(ram, entries)
+    three = bulk_results(queue, monkeypatch, "_three_entry_table")
+    outcome = pop_outcome(queue, ram)
+    assert three == [None] and outcome[0] == "chain"
+    assert outcome == general_walk_outcome(ram, entries)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("address", RAM_SIZE - 8, "not RAM"),
+    ("address", 2**64 - 8, "overflows"),
+    ("flags", INDIRECT | NEXT | WRITE, "nested indirect"),
+    ("link", 0, "readable buffer after a writable"),
+    ("link", 1, "longer than the queue"),
+    ("link", 3, "beyond the indirect table"),
+])
+def test_malformed_three_entry_tables_are_refused_as_the_general_walk_refuses_them(ram, monkeypatch, field, value,
+                                                                                     message):
+    entries = _set(ordinary_table(3), 1, **{field: value})
+    queue = offer_table(ram, entries)
+    three = bulk_results(queue, monkeypatch, "_three_entry_table")
+    outcome = pop_outcome(queue, ram)
+    assert three == [None]
+    assert outcome[0] == "error" and message in outcome[2]
+    assert outcome == general_walk_outcome(ram, entries)

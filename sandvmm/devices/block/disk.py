@@ -137,7 +137,7 @@ class FileIO:
         # The data path: one call that moves everything. The views are taken as they come
         # (any buffer format: the kernel sees bytes), so nothing is made per view here; a
         # 1 MiB guest request has up to 254 of them.
-        expected = sum(map(_nbytes, views))
+        expected = views[0].nbytes if len(views) == 1 else sum(map(_nbytes, views))
         done = 0
         if expected and len(views) <= IOV_MAX:
             done = call(fd, views, offset)

@@ -68,6 +68,11 @@ BULK_TABLE_BYTES = 28 * DESCRIPTOR_SIZE
 _FLAG_BITS = bytes(value & 7 for value in range(256))
 _ORDINARY_FLAGS = re.compile(rb"\x01*(?:\x00|\x03*\x02)")
 
+# A virtio-blk request of one buffer (4 KiB random I/O) is a 3-entry table: header, data,
+# status. Read with one unpack and checked as a whole, it pops in about half the walk's time.
+_unpack_three_descriptors = struct.Struct("<" + "QIHH" * 3).unpack_from
+THREE_DESCRIPTORS_BYTES = 3 * DESCRIPTOR_SIZE
+
 
 def descriptor_table_size(size: int) -> int:
     return DESCRIPTOR_SIZE * size
@@ -319,6 +324,19 @@ class SplitQueue:
         if head >= self.size:
             raise GuestError(f"available ring slot {slot} names descriptor {head}, "
                              f"beyond the queue size {self.size}")
+        if self.indirect:
+            # The data path: Linux puts every request behind one indirect table, in low RAM.
+            # Such a table is read whole, if it is ordinary; anything else is walked.
+            address, length, flags, _ = _unpack_descriptor(self._descriptors, head << 4)
+            if (flags & (VIRTQ_DESC_F_INDIRECT | VIRTQ_DESC_F_NEXT) == VIRTQ_DESC_F_INDIRECT
+                    and address + length <= self._ram_end):
+                chain = None
+                if length == THREE_DESCRIPTORS_BYTES:
+                    chain = self._three_entry_table(head, self._ram_readonly[address:address + length])
+                elif BULK_TABLE_BYTES <= length <= self.size << 4 and not length & 15:
+                    chain = self._ordinary_table(head, self._ram_readonly[address:address + length], length >> 4)
+                if chain is not None:
+                    return chain
         try:
             return self._walk(head)
         except GuestMemoryError as error:
@@ -363,9 +381,28 @@ class SplitQueue:
                     in zip(addresses[readable_count:], lengths[readable_count:])]
         return Chain(head, readable, writable, readable_length, writable_length)
 
+    def _three_entry_table(self, head: int, table: memoryview) -> Chain | None:
+        """The chain in an indirect table of 3 entries, if it is ordinary (see
+        `_ordinary_table`): entry 0 readable, entry 2 writable, entry 1 either; else None."""
+        (address0, length0, flags0, next0, address1, length1, flags1, next1,
+         address2, length2, flags2, _) = _unpack_three_descriptors(table)
+        if next0 != 1 or next1 != 2 or flags0 & 7 != VIRTQ_DESC_F_NEXT or flags2 & 7 != VIRTQ_DESC_F_WRITE:
+            return None
+        ram_end = self._ram_end
+        end0, end1, end2 = address0 + length0, address1 + length1, address2 + length2
+        if end0 > ram_end or end1 > ram_end or end2 > ram_end or length0 + length1 + length2 > MAX_CHAIN_BYTES:
+            return None
+        readonly, writable = self._ram_readonly, self._ram
+        if flags1 & 7 == VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE:  # a read: the data is writable
+            return Chain(head, [readonly[address0:end0]], [writable[address1:end1], writable[address2:end2]],
+                         length0, length1 + length2)
+        if flags1 & 7 == VIRTQ_DESC_F_NEXT:  # a write: the data is readable
+            return Chain(head, [readonly[address0:end0], readonly[address1:end1]], [writable[address2:end2]],
+                         length0 + length1, length2)
+        return None
+
     def _walk(self, head: int) -> Chain:
-        """Any chain, one descriptor at a time (a long indirect table maybe in bulk), with
-        every check and its error."""
+        """Any chain, one descriptor at a time, with every check and its error."""
         slice_memory = self.memory.slice
         ram_end, ram, ram_readonly = self._ram_end, self._ram, self._ram_readonly
         size = self.size
@@ -398,14 +435,7 @@ class SplitQueue:
                 if end > ADDRESS_LIMIT:
                     raise GuestError(f"chain {head}: indirect table overflows the address space", head)
                 entries = length >> 4
-                if end <= ram_end:
-                    table = ram_readonly[address:end]
-                    if length >= BULK_TABLE_BYTES and not (readable or writable):
-                        chain = self._ordinary_table(head, table, entries)
-                        if chain is not None:
-                            return chain
-                else:
-                    table = slice_memory(address, length)
+                table = ram_readonly[address:end] if end <= ram_end else slice_memory(address, length)
                 in_indirect = True
                 index = 0
                 continue

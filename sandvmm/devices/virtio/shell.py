@@ -34,7 +34,8 @@ class DeviceCore(virtio_pci.VirtioDeviceModel, Protocol):
     def reset(self) -> None: ...
 
     def process(self, queue_index: int) -> Sequence[int]:
-        """Handle the queue's available chains; return the queues that got used entries."""
+        """Handle the queue's available chains, or a slice of them; return the queues that
+        got used entries. The shell interrupts for those and calls again until none did."""
 
 
 BackendTask = Callable[["DeviceShell"], Awaitable[None]]  # host-side work, e.g. reading input
@@ -173,17 +174,21 @@ class DeviceShell:
                 os.eventfd_write(self.intx, 1)
 
     def process(self, index: int) -> None:
-        """Let the core handle queue `index`, then interrupt for every queue it used."""
+        """Let the core handle queue `index`, interrupting for every queue it used after
+        each slice of work."""
         if index not in self.queues:
             return
-        try:
-            used = self.core.process(index)
-        except GuestError as error:
-            self.log(f"guest error on queue {index}: {error}; the device needs a reset")
-            self.queues = {}
-            self.deliver(self.transport.needs_reset())
-            return
-        self.interrupt(used)
+        while True:
+            try:
+                used = self.core.process(index)
+            except GuestError as error:
+                self.log(f"guest error on queue {index}: {error}; the device needs a reset")
+                self.queues = {}
+                self.deliver(self.transport.needs_reset())
+                return
+            if not used:
+                return
+            self.interrupt(used)
 
     def interrupt(self, used: Sequence[int]) -> None:
         for queue_index in used:
