@@ -3,6 +3,7 @@ hand the block children their fds; and `sandvmm create-qcow2`."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from sandvmm.errors import UserError
@@ -33,17 +34,19 @@ def block_specs(blocks: list[dict]) -> list[DeviceSpec]:
     """One jailed child per --block, holding only its image chain's fds (opened and locked here)."""
     if not blocks:
         return []
-    from sandvmm.devices.block.core import BlockCore
+    from sandvmm.devices.block.core import SLICE_BYTES, BlockCore
     from sandvmm.devices.block.disk import ImageError
     from sandvmm.devices.block.images import open_chain
 
+    # Completions while the rest is copied help only a guest that can run meanwhile.
+    slice_bytes = SLICE_BYTES if len(os.sched_getaffinity(0)) > 1 else None
     specs = []
     for index, block in enumerate(blocks):
         try:
             disk, fds = open_chain(block["path"], read_only=block["ro"], direct=block["direct"])
         except ImageError as error:
             raise UserError(f"--block {block['path']}: {error}", status=2) from None
-        core = BlockCore(disk, serial=block["id"], discard=block["sparse"])
+        core = BlockCore(disk, serial=block["id"], discard=block["sparse"], slice_bytes=slice_bytes)
         specs.append(DeviceSpec(disk_name(index), core, keep_fds=fds, policy="block"))
     return specs
 

@@ -338,6 +338,13 @@ def test_a_call_stops_after_a_slice_of_data(memory):
     assert rig.run() == [(small, 513)]
 
 
+def test_without_slices_a_call_completes_every_request(memory):
+    rig = Rig(memory, MemoryDisk(4 * MiB), slice_bytes=None)
+    heads = [rig.submit(T_IN, 0, writable=[SLICE_BYTES, 1]) for _ in range(3)]
+    assert rig.core.process(0) == [0] and [head for head, _ in rig.driver.used()] == heads
+    assert rig.core.process(0) == []
+
+
 # ---- buffer layouts ---------------------------------------------------------------------------
 
 def test_header_split_across_descriptors(memory):
