@@ -54,6 +54,11 @@ _FROM_KERNEL_HEADERS: dict[str, int] = {
     "MREMAP_MAYMOVE": 1, "MREMAP_FIXED": 2, "MREMAP_DONTUNMAP": 4,
     # linux/fcntl.h (flags of the *at() calls)
     "AT_SYMLINK_NOFOLLOW": 0x100, "AT_REMOVEDIR": 0x200, "AT_EMPTY_PATH": 0x1000,
+    # linux/sched.h (clone flags: a device's threads)
+    "CLONE_VM": 0x100, "CLONE_FS": 0x200, "CLONE_FILES": 0x400, "CLONE_SIGHAND": 0x800,
+    "CLONE_THREAD": 0x10000, "CLONE_SYSVSEM": 0x40000, "CLONE_SETTLS": 0x80000,
+    "CLONE_PARENT_SETTID": 0x100000, "CLONE_CHILD_CLEARTID": 0x200000,
+    "MAP_STACK": 0x20000,
     # linux/prctl.h (what a device may still call after the jail is set up)
     "PR_SET_NAME": 15, "PR_GET_NAME": 16,
 }

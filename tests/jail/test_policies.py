@@ -3,6 +3,7 @@ trio device child, and they keep out what a device must never do."""
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import signal
@@ -72,3 +73,40 @@ def test_common_device_kills_what_it_does_not_allow(jails, forbidden):
 
     child = jails(JailConfig("device", COMMON, "kill", keep_fds=()), target)
     assert child.wait(timeout=10) == -signal.SIGSYS
+
+
+BLOCK = POLICIES / "block.policy"
+THREAD_FLAGS = 0x3D0F00  # what glibc's pthread_create passes to clone
+
+
+def test_block_policy_allows_threads_and_nothing_like_a_process():
+    rules = load_policy(BLOCK).rules
+    assert rules["clone"].allows([THREAD_FLAGS, 0, 0, 0, 0, 0])
+    fork = signal.SIGCHLD
+    new_namespace = THREAD_FLAGS | 0x10000000  # CLONE_NEWUSER
+    for flags in (fork, fork | 0x100, new_namespace, THREAD_FLAGS & ~0x10000):  # a process sharing memory
+        assert not rules["clone"].allows([flags, 0, 0, 0, 0, 0])
+    assert rules["clone3"].errno == errno.ENOSYS  # its flags are out of seccomp's sight
+    assert not rules["mprotect"].allows([0, 4096, mmap.PROT_READ | mmap.PROT_EXEC, 0, 0, 0])
+    assert rules["mprotect"].allows([0, 4096, mmap.PROT_READ | mmap.PROT_WRITE, 0, 0, 0])
+
+
+def test_transfer_helpers_copy_under_the_block_policy_with_kill(jails, tmp_path):
+    """Helper threads start after the jail: their clone, stack and futexes must all be allowed."""
+    from sandvmm.devices.block.disk import SPLIT_BYTES, FileIO, TransferHelpers
+
+    fd = os.open(tmp_path / "image", os.O_RDWR | os.O_CREAT)
+    data = os.urandom(2 * SPLIT_BYTES)  # getrandom is not the block child's
+    try:
+        def target() -> None:
+            io = FileIO(fd, name="image")
+            io.helpers = TransferHelpers(2)
+            io.write_from(4096, [memoryview(data)])
+            back = bytearray(len(data))
+            io.read_into(4096, [memoryview(back)[:100], memoryview(back)[100:]])
+            os._exit(0 if back == data else 3)
+
+        child = jails(JailConfig("block", BLOCK, "kill", keep_fds=(2, fd)), target)
+        assert child.wait(timeout=20) == 0, child.describe_exit()
+    finally:
+        os.close(fd)

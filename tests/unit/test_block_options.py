@@ -6,7 +6,8 @@ import pytest
 
 from sandvmm.cli import build_parser
 from sandvmm.errors import UserError
-from sandvmm.main.block import disk_name, root_parameter
+from sandvmm.devices.block.core import SLICE_BYTES
+from sandvmm.main.block import block_specs, disk_name, root_parameter
 from tests.helpers import one_line_error, sandvmm
 
 
@@ -77,3 +78,25 @@ def test_create_qcow2_errors_are_one_line(tmp_path, args, says):
     result = sandvmm("create-qcow2", *(arg.format(tmp=tmp_path) for arg in args))
     assert result.returncode == 2
     assert says in one_line_error(result)
+
+
+@pytest.mark.parametrize("cpus, slice_bytes, helpers", [(1, None, None), (2, SLICE_BYTES, 1), (8, SLICE_BYTES, 3)])
+def test_several_cpus_give_block_children_slices_and_transfer_helpers(tmp_path, monkeypatch, cpus, slice_bytes,
+                                                                      helpers):
+    from sandvmm.devices.block.images import chain_files
+    from sandvmm.devices.block.qcow2 import create_qcow2
+
+    (tmp_path / "base.raw").write_bytes(bytes(1 << 20))
+    create_qcow2(str(tmp_path / "top.qcow2"), 1 << 20, backing_file="base.raw")
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cpus)))
+    (spec,) = block_specs(blocks(f"{tmp_path / 'top.qcow2'}"))
+    try:
+        assert spec.core.slice_bytes == slice_bytes
+        files = chain_files(spec.core.disk)
+        assert len(files) == 2
+        if helpers is None:
+            assert all(file.helpers is None for file in files)
+        else:  # one set for the whole chain: one child, one copy at a time
+            assert files[0].helpers is files[1].helpers and files[0].helpers.threads == helpers
+    finally:
+        spec.core.disk.close()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from sandvmm.devices.block.disk import DiskError, ImageError, RawDisk, address_of
+from sandvmm.devices.block.disk import SPLIT_BYTES, DiskError, ImageError, RawDisk, TransferHelpers, address_of
 from sandvmm.devices.block.images import MAX_CHAIN_DEPTH, image_fds, open_chain, open_image
 from sandvmm.devices.block.qcow2 import Qcow2Disk, create_qcow2
 
@@ -85,6 +85,85 @@ def test_reading_past_the_end_of_the_file_gives_zeros(tmp_path):
         out = bytearray(b"\xff" * 100)
         disk.read_into(950, [memoryview(out)])
     assert out[50:] == bytes(50) and out[:50] != bytes(50)
+
+
+# --- large transfers split between threads -----------------------------------------------------
+
+def with_helpers(disk, threads=2):
+    disk.io.helpers = TransferHelpers(threads)
+    return disk
+
+
+def recorded_calls(monkeypatch):
+    """(thread name, offset, length) of every preadv/pwritev, in the order they were made."""
+    import threading
+    calls = []
+    for name in ("preadv", "pwritev"):
+        real = getattr(os, name)
+
+        def record(fd, views, offset, real=real):
+            done = real(fd, views, offset)
+            calls.append((threading.current_thread().name, offset, done))
+            return done
+        monkeypatch.setattr(os, name, record)
+    return calls
+
+
+@pytest.mark.parametrize("layout", [[3 * SPLIT_BYTES], [1, 4095] + [4096] * 300 + [SPLIT_BYTES - 3]],
+                         ids=["one view", "odd views"])
+def test_large_transfers_are_split_between_the_caller_and_helpers(tmp_path, monkeypatch, layout):
+    content = bytearray(raw_file(tmp_path / "a.raw", 4 * SPLIT_BYTES))
+    total = sum(layout)
+    with closing(with_helpers(RawDisk(os.open(tmp_path / "a.raw", os.O_RDWR), False))) as disk:
+        calls = recorded_calls(monkeypatch)
+        views = [memoryview(bytearray(size)) for size in layout]
+        disk.read_into(5000, views)
+        assert b"".join(views) == content[5000:5000 + total]
+        # Three parts, each but the last of the same whole pages, covering the range once.
+        part = -(-total // 3 // 4096) * 4096
+        assert sorted((offset, length) for _, offset, length in calls) == [
+            (5000, part), (5000 + part, part), (5000 + 2 * part, total - 2 * part)]
+        threads = {thread for thread, *_ in calls}
+        assert "MainThread" in threads and len(threads) >= 2  # a helper may take two parts
+        data = random.Random(1).randbytes(total)
+        disk.write_from(7, [memoryview(data)[:10], memoryview(data)[10:]])
+    content[7:7 + total] = data
+    assert (tmp_path / "a.raw").read_bytes() == content
+
+
+def test_small_transfers_stay_in_the_calling_thread(tmp_path, monkeypatch):
+    raw_file(tmp_path / "a.raw", SPLIT_BYTES)
+    with closing(with_helpers(RawDisk(os.open(tmp_path / "a.raw", os.O_RDWR), False))) as disk:
+        calls = recorded_calls(monkeypatch)
+        disk.read_into(0, [memoryview(bytearray(SPLIT_BYTES - 1))])
+    assert [thread for thread, *_ in calls] == ["MainThread"]
+
+
+def test_a_split_read_past_the_end_of_the_file_gives_zeros(tmp_path):
+    content = raw_file(tmp_path / "a.raw", SPLIT_BYTES)
+    with closing(with_helpers(RawDisk(os.open(tmp_path / "a.raw", os.O_RDONLY), True))) as disk:
+        out = bytearray(b"\xff" * 2 * SPLIT_BYTES)
+        disk.read_into(SPLIT_BYTES // 2, [memoryview(out)])
+    assert out == content[SPLIT_BYTES // 2:] + bytes(SPLIT_BYTES + SPLIT_BYTES // 2)
+
+
+def test_an_error_in_any_part_fails_the_transfer_after_every_part_ended(tmp_path, monkeypatch):
+    import threading
+    raw_file(tmp_path / "a.raw", 4 * SPLIT_BYTES)
+    real = os.pwritev
+    finished = []
+
+    def fail_in_a_helper(fd, views, offset):
+        if threading.current_thread().name != "MainThread":
+            raise OSError(5, "Input/output error")
+        time.sleep(0.05)  # the helper fails first; the caller must still finish its part
+        finished.append(real(fd, views, offset))
+        return finished[-1]
+    with closing(with_helpers(RawDisk(os.open(tmp_path / "a.raw", os.O_RDWR), False), threads=1)) as disk:
+        monkeypatch.setattr(os, "pwritev", fail_in_a_helper)
+        with pytest.raises(DiskError) as error:
+            disk.write_from(0, [memoryview(bytes(2 * SPLIT_BYTES))])
+    assert "Input/output error" in str(error.value) and finished == [SPLIT_BYTES]
 
 
 @pytest.mark.parametrize("operation", ["discard", "zero_unmap"])

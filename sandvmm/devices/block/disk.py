@@ -13,12 +13,21 @@ import errno
 import operator
 import os
 import stat
-from typing import Protocol, Sequence
+from concurrent.futures.thread import ThreadPoolExecutor  # here, not lazily: the jail hides the files
+from functools import partial
+from typing import Callable, Protocol, Sequence
 
 IOV_MAX = os.sysconf("SC_IOV_MAX")
 DIRECT_ALIGNMENT = 4096  # O_DIRECT wants the logical block size; 4 KiB covers 512 B and 4Kn devices
 ZEROS = bytes(2 << 20)  # as large as the largest qcow2 cluster
 QCOW2_MAGIC = b"QFI\xfb"
+
+# A transfer this large is cut into parts, about equal and page-aligned, copied at once by
+# the calling thread and the helper threads, where the device has helpers (main gives them
+# where it has more than one CPU): a copy to or from the host's page cache is CPU work, and
+# the guest waits for it idle.
+SPLIT_BYTES = 512 << 10
+PAGE_SIZE = 4096
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -62,16 +71,21 @@ def fill_zeros(views: Sequence[memoryview]) -> None:
             chunk[:] = ZEROS[:chunk.nbytes]
 
 
-def advance(views: list[memoryview], count: int) -> list[memoryview]:
-    """The views left after skipping the first `count` bytes."""
+def cut(views: list[memoryview], count: int) -> tuple[list[memoryview], list[memoryview]]:
+    """The views of the first `count` bytes, and of the rest (byte views)."""
     index = 0
     while count and index < len(views):
         length = views[index].nbytes
         if count < length:
-            return [views[index][count:], *views[index + 1:]]
+            return [*views[:index], views[index][:count]], [views[index][count:], *views[index + 1:]]
         count -= length
         index += 1
-    return views[index:]
+    return views[:index], views[index:]
+
+
+def advance(views: list[memoryview], count: int) -> list[memoryview]:
+    """The views left after skipping the first `count` bytes."""
+    return cut(views, count)[1]
 
 
 def byte_views(buffers: Sequence) -> list[memoryview]:
@@ -109,6 +123,36 @@ def _aligned(view: memoryview) -> bool:
     return not view.nbytes or address_of(view) % DIRECT_ALIGNMENT == 0
 
 
+class TransferHelpers:
+    """Threads that copy parts of a large transfer beside the thread that asked for it.
+
+    They start at the first large transfer, in the device child after it is jailed: a
+    thread made earlier would keep the capabilities and lack the seccomp filter that the
+    jail gives the thread it runs in.
+    """
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+        self._executor: ThreadPoolExecutor | None = None
+
+    def run(self, calls: Sequence[Callable[[], None]]) -> None:
+        """Run every call, the first in this thread; return when all are done (the guest's
+        buffers must not be written after the request completes), raising the first error."""
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(self.threads, thread_name_prefix="sandvmm-transfer")
+        futures = [self._executor.submit(call) for call in calls[1:]]
+        error = None
+        try:
+            calls[0]()
+        except Exception as raised:
+            error = raised
+        for future in futures:
+            if future.exception() is not None and error is None:
+                error = future.exception()
+        if error is not None:
+            raise error
+
+
 class FileIO:
     """Positional I/O on one fd, straight into and out of the caller's memory.
 
@@ -126,6 +170,7 @@ class FileIO:
         self.buffered_fd = buffered_fd
         self.name = name or f"fd {fd}"
         self.unsynced = False  # written since the last sync()
+        self.helpers: TransferHelpers | None = None  # for transfers of SPLIT_BYTES and more
 
     def _error(self, what: str, error: OSError) -> DiskError:
         return DiskError(f"{self.name}: {what} failed: {os.strerror(error.errno) if error.errno else error}")
@@ -134,10 +179,26 @@ class FileIO:
         fd = self.fd
         if self.buffered_fd is not None and (offset % DIRECT_ALIGNMENT or not all(map(_aligned, views))):
             fd = self.buffered_fd
+        expected = views[0].nbytes if len(views) == 1 else sum(map(_nbytes, views))
+        if self.helpers is not None and expected >= SPLIT_BYTES:
+            self._split(call, fd, offset, views, expected, reading)
+        else:
+            self._copy(call, fd, offset, views, expected, reading)
+
+    def _split(self, call, fd: int, offset: int, views: Sequence[memoryview], expected: int, reading: bool) -> None:
+        count = self.helpers.threads + 1
+        part_size = -(-expected // count // PAGE_SIZE) * PAGE_SIZE  # whole pages keep O_DIRECT aligned
+        parts, rest = [], byte_views(views)
+        for start in range(0, expected, part_size):
+            part, rest = cut(rest, part_size)
+            parts.append((offset + start, part, min(part_size, expected - start)))
+        self.helpers.run([partial(self._copy, call, fd, part_offset, part, size, reading)
+                          for part_offset, part, size in parts])
+
+    def _copy(self, call, fd: int, offset: int, views: Sequence[memoryview], expected: int, reading: bool) -> None:
         # The data path: one call that moves everything. The views are taken as they come
         # (any buffer format: the kernel sees bytes), so nothing is made per view here; a
         # 1 MiB guest request has up to 254 of them.
-        expected = views[0].nbytes if len(views) == 1 else sum(map(_nbytes, views))
         done = 0
         if expected and len(views) <= IOV_MAX:
             done = call(fd, views, offset)

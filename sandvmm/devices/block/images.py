@@ -163,10 +163,15 @@ def take_lock(fd: int, writable: bool, path: Path) -> None:
         raise ImageError(f"{path}: cannot lock ({os.strerror(error.errno)})") from None
 
 
+def chain_files(disk: Disk) -> list[FileIO]:
+    """The files of `disk` and its backing chain, top first."""
+    files = []
+    while disk is not None:
+        files.append(disk.io)
+        disk = getattr(disk, "backing", None)
+    return files
+
+
 def image_fds(disk: Disk) -> list[int]:
     """The fds a jailed device child must keep for `disk` and its backing chain, top first."""
-    fds = []
-    while disk is not None:
-        fds.extend(disk.io.fds())
-        disk = getattr(disk, "backing", None)
-    return fds
+    return [fd for file in chain_files(disk) for fd in file.fds()]
