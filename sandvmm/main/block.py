@@ -3,11 +3,10 @@ hand the block children their fds; and `sandvmm create-qcow2`."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from sandvmm.errors import UserError
-from sandvmm.main.devices import DeviceSpec
+from sandvmm.main.devices import DeviceSpec, host_cpus
 
 
 # Threads a block child may copy with beside its own: more than three made no 1 MiB
@@ -45,7 +44,7 @@ def block_specs(blocks: list[dict]) -> list[DeviceSpec]:
 
     # Completions while the rest is copied, and copies on several CPUs, help only where the
     # guest and the copies can run at once.
-    spare_cpus = min(len(os.sched_getaffinity(0)) - 1, MAX_TRANSFER_HELPERS)
+    spare_cpus = min(host_cpus() - 1, MAX_TRANSFER_HELPERS)
     slice_bytes = SLICE_BYTES if spare_cpus else None
     specs = []
     for index, block in enumerate(blocks):

@@ -90,6 +90,11 @@ class ForkedProcess:
         os.close(self.pidfd)
 
 
+def host_cpus() -> int:
+    """CPUs this process may run on. With one, the guest, main and the children take turns."""
+    return len(os.sched_getaffinity(0))
+
+
 def _import_device_loop() -> None:
     """In a child, before its root changes: trio and the device loop, from the host's files."""
     from sandvmm.devices.virtio import shell  # noqa: F401 (kept in sys.modules for _serve)
@@ -150,6 +155,15 @@ class DeviceHost:
             process, starting = self._spawn(spec, keep, target)
         finally:
             child.close()
+        if host_cpus() < 2:
+            # A child woken by a kick would preempt the guest at once and serve the one or two
+            # requests queued so far; a batch task does not preempt on waking, so it runs when
+            # the guest waits, and serves them all in one go (in a 1-vCPU lab, 4 KiB random
+            # reads went from 0.6 to 1.05 of QEMU's IOPS).
+            try:
+                os.sched_setscheduler(process.pid, os.SCHED_BATCH, os.sched_param(0))
+            except OSError:
+                pass  # the child is gone already: the supervisor will say why
         proxy = make_proxy(parent)
         proxy.describe(VirtioPciTransport(spec.core))
         proxy.on_gone = lambda name, why: self._gone(name)

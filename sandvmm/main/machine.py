@@ -6,7 +6,6 @@ before vCPUs are created, and CPUID must be set before a vCPU first runs.
 
 from __future__ import annotations
 
-import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ from sandvmm.main.legacy.rtc import Rtc
 from sandvmm.main.legacy.serial import Serial
 from sandvmm.memory import ECAM_BASE, PCI_WINDOW32, GuestMemory, MiB, pci_window64
 from sandvmm.main.device_proxy import DeviceProxy
-from sandvmm.main.devices import DeviceHost, DeviceSpec, SandboxOptions
+from sandvmm.main.devices import DeviceHost, DeviceSpec, SandboxOptions, host_cpus
 from sandvmm.main.interrupts import IrqRouting
 from sandvmm.main.pci import Ecam, PciRoot
 from sandvmm.main.vcpu import VcpuThread
@@ -175,7 +174,7 @@ class Machine:
 
     def start(self) -> None:
         self.devices.start()
-        if len(os.sched_getaffinity(0)) < 2:
+        if host_cpus() < 2:
             # One CPU: children starting beside the guest would only take turns with it, and
             # each switch costs (a lab boot took 0.4 s longer): let them finish first.
             self.devices.wait_started()

@@ -88,7 +88,7 @@ def test_several_cpus_give_block_children_slices_and_transfer_helpers(tmp_path, 
 
     (tmp_path / "base.raw").write_bytes(bytes(1 << 20))
     create_qcow2(str(tmp_path / "top.qcow2"), 1 << 20, backing_file="base.raw")
-    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cpus)))
+    monkeypatch.setattr("sandvmm.main.block.host_cpus", lambda: cpus)
     (spec,) = block_specs(blocks(f"{tmp_path / 'top.qcow2'}"))
     try:
         assert spec.core.slice_bytes == slice_bytes

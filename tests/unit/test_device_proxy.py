@@ -211,6 +211,21 @@ def test_a_guest_access_waits_for_a_starting_child_and_ioevents_follow_an_early_
         memory.close()
 
 
+@pytest.mark.parametrize("cpus, policy", [(1, os.SCHED_BATCH), (2, os.SCHED_OTHER)])
+def test_with_one_cpu_children_do_not_preempt_the_guest_when_kicked(monkeypatch, cpus, policy):
+    monkeypatch.setattr("sandvmm.main.devices.host_cpus", lambda: cpus)
+    host = DeviceHost(SandboxOptions(enabled=False), on_failure=lambda why: None)
+    memory = GuestMemory(4 * MiB)
+    vm = FakeVm()
+    try:
+        host.launch(DeviceSpec("rng", RngCore(os.urandom)), memory,
+                    lambda channels: DeviceProxy("rng", vm, IrqRouting(vm), channels, 16))
+        assert os.sched_getscheduler(host.devices[0].process.pid) == policy
+    finally:
+        host.stop()
+        memory.close()
+
+
 def test_bar_writes_are_posted_and_a_later_read_sees_them_all(proxy):
     proxy.config_write(virtio_pci.COMMAND, struct.pack("<H", virtio_pci.COMMAND_MEMORY))
     select = virtio_pci.COMMON_CFG_OFFSET + virtio_pci.DEVICE_FEATURE_SELECT
