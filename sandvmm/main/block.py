@@ -9,8 +9,8 @@ from sandvmm.errors import UserError
 from sandvmm.main.devices import DeviceSpec, host_cpus
 
 
-# Threads a block child may copy with beside its own. A cap, not a measured optimum (only
-# two CPUs were there to measure on): with it, a 1 MiB transfer goes in four parts at most.
+# Threads a block child may write with beside its own. A cap, not a measured optimum (only
+# two CPUs were there to measure on): with it, a 1 MiB write goes in four parts at most.
 MAX_TRANSFER_HELPERS = 3
 
 
@@ -42,7 +42,7 @@ def block_specs(blocks: list[dict]) -> list[DeviceSpec]:
     from sandvmm.devices.block.disk import ImageError, TransferHelpers
     from sandvmm.devices.block.images import chain_files, open_chain
 
-    # Completions while the rest is copied, and copies on several CPUs, help only where the
+    # Completions while the rest is copied, and writes on several CPUs, help only where the
     # guest and the copies can run at once.
     spare_cpus = min(host_cpus() - 1, MAX_TRANSFER_HELPERS)
     slice_bytes = SLICE_BYTES if spare_cpus else None

@@ -111,40 +111,37 @@ def recorded_calls(monkeypatch):
 
 @pytest.mark.parametrize("layout", [[3 * SPLIT_BYTES], [1, 4095] + [4096] * 300 + [SPLIT_BYTES - 3]],
                          ids=["one view", "odd views"])
-def test_large_transfers_are_split_between_the_caller_and_helpers(tmp_path, monkeypatch, layout):
+def test_large_writes_are_split_between_the_caller_and_helpers(tmp_path, monkeypatch, layout):
     content = bytearray(raw_file(tmp_path / "a.raw", 4 * SPLIT_BYTES))
     total = sum(layout)
+    data = random.Random(1).randbytes(total)
     with closing(with_helpers(RawDisk(os.open(tmp_path / "a.raw", os.O_RDWR), False))) as disk:
         calls = recorded_calls(monkeypatch)
-        views = [memoryview(bytearray(size)) for size in layout]
-        disk.read_into(5000, views)
-        assert b"".join(views) == content[5000:5000 + total]
-        # Three parts, each but the last of the same whole pages, covering the range once.
-        part = -(-total // 3 // 4096) * 4096
-        assert sorted((offset, length) for _, offset, length in calls) == [
-            (5000, part), (5000 + part, part), (5000 + 2 * part, total - 2 * part)]
-        threads = {thread for thread, *_ in calls}
-        assert "MainThread" in threads and len(threads) >= 2  # a helper may take two parts
-        data = random.Random(1).randbytes(total)
-        disk.write_from(7, [memoryview(data)[:10], memoryview(data)[10:]])
-    content[7:7 + total] = data
+        views, rest = [], memoryview(data)
+        for size in layout:
+            views.append(rest[:size])
+            rest = rest[size:]
+        disk.write_from(5000, views)
+    # Three parts, each but the last of the same whole pages, covering the range once.
+    part = -(-total // 3 // 4096) * 4096
+    assert sorted((offset, length) for _, offset, length in calls) == [
+        (5000, part), (5000 + part, part), (5000 + 2 * part, total - 2 * part)]
+    threads = {thread for thread, *_ in calls}
+    assert "MainThread" in threads and len(threads) >= 2  # a helper may take two parts
+    content[5000:5000 + total] = data
     assert (tmp_path / "a.raw").read_bytes() == content
 
 
-def test_small_transfers_stay_in_the_calling_thread(tmp_path, monkeypatch):
-    raw_file(tmp_path / "a.raw", SPLIT_BYTES)
+def test_reads_and_small_writes_stay_in_the_calling_thread(tmp_path, monkeypatch):
+    content = raw_file(tmp_path / "a.raw", 4 * SPLIT_BYTES)
     with closing(with_helpers(RawDisk(os.open(tmp_path / "a.raw", os.O_RDWR), False))) as disk:
         calls = recorded_calls(monkeypatch)
-        disk.read_into(0, [memoryview(bytearray(SPLIT_BYTES - 1))])
-    assert [thread for thread, *_ in calls] == ["MainThread"]
-
-
-def test_a_split_read_past_the_end_of_the_file_gives_zeros(tmp_path):
-    content = raw_file(tmp_path / "a.raw", SPLIT_BYTES)
-    with closing(with_helpers(RawDisk(os.open(tmp_path / "a.raw", os.O_RDONLY), True))) as disk:
-        out = bytearray(b"\xff" * 2 * SPLIT_BYTES)
-        disk.read_into(SPLIT_BYTES // 2, [memoryview(out)])
-    assert out == content[SPLIT_BYTES // 2:] + bytes(SPLIT_BYTES + SPLIT_BYTES // 2)
+        out = bytearray(3 * SPLIT_BYTES)
+        disk.read_into(1, [memoryview(out)])
+        disk.write_from(0, [memoryview(bytes(SPLIT_BYTES - 1))])
+    assert out == content[1:1 + 3 * SPLIT_BYTES]
+    assert [(thread, length) for thread, _, length in calls] == [("MainThread", 3 * SPLIT_BYTES),
+                                                                ("MainThread", SPLIT_BYTES - 1)]
 
 
 def test_an_error_in_any_part_fails_the_transfer_after_every_part_ended(tmp_path, monkeypatch):
