@@ -35,8 +35,9 @@ class LabConfig:
     command: list[str]
     mem_mib: int = 4096
     # One vCPU by default: with several, TCG races with the lab kernel's live code patching
-    # (int3-based static-key updates, which KVM triggers whenever a VM starts or stops) and
-    # the lab kernel dies with "Oops: int3"; seen in about one lab session in five.
+    # (int3-based static-key updates) and the lab kernel dies with "Oops: int3". KVM flips
+    # keys whenever a VM starts or stops, which hold_vm.py stops; the kernel's own flips
+    # while it boots remain.
     cpus: int = 1
     rw_dirs: list[Path] = field(default_factory=list)
     timeout: float | None = None

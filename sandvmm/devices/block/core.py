@@ -13,9 +13,9 @@ head) is completed with used length 0; a broken ring (GuestError without a head)
 propagates to the shell, which asks the driver for a reset.
 
 The disk calls are synchronous: `process()` executes available requests in ring order
-until they are gone or it has moved SLICE_BYTES of data, and the shell raises the
-interrupt and calls again. Requests are validated whole before the disk is touched, so a
-refused request has no side effect.
+until they are gone or, given a slice size, it has moved that much data; the shell raises
+the interrupt and calls again. Requests are validated whole before the disk is touched, so
+a refused request has no side effect.
 Reads and writes hand the chain's memoryviews of guest RAM straight to the disk
 (preadv/pwritev into guest buffers): no data is copied here.
 """

@@ -150,8 +150,8 @@ class TransferHelpers:
         except Exception as raised:
             error = raised
         for future in futures:
-            if future.exception() is not None and error is None:
-                error = future.exception()
+            raised = future.exception()  # waits for it, error or not
+            error = error or raised
         if error is not None:
             raise error
 
