@@ -38,6 +38,7 @@ FALLOC_FL_ZERO_RANGE = 0x10
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+M_ARENA_MAX = -8  # mallopt(3)
 
 
 class DiskError(Exception):
@@ -142,6 +143,9 @@ class TransferHelpers:
         """Run every call, the first in this thread; return when all are done (the guest's
         buffers must not be written after the request completes), raising the first error."""
         if self._executor is None:
+            # Every thread allocates from glibc's main arena: a thread's own arena, when it
+            # shrinks, has glibc open /proc/sys/vm/overcommit_memory, which the jail forbids.
+            _libc.mallopt(M_ARENA_MAX, 1)
             self._executor = ThreadPoolExecutor(self.threads, thread_name_prefix="sandvmm-transfer")
         futures = [self._executor.submit(call) for call in calls[1:]]
         error = None
