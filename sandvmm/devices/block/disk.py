@@ -76,7 +76,7 @@ def fill_zeros(views: Sequence[memoryview]) -> None:
 
 
 def cut(views: list[memoryview], count: int) -> tuple[list[memoryview], list[memoryview]]:
-    """The views of the first `count` bytes, and of the rest (byte views)."""
+    """The views of the first `count` bytes, and of the rest (counting in bytes: give byte views)."""
     index = 0
     while count and index < len(views):
         length = views[index].nbytes
@@ -188,18 +188,18 @@ class FileIO:
             fd = self.buffered_fd
         expected = views[0].nbytes if len(views) == 1 else sum(map(_nbytes, views))
         if self.helpers is not None and not reading and expected >= SPLIT_BYTES:
-            self._split(call, fd, offset, views, expected, reading)
+            self._split_write(call, fd, offset, views, expected)
         else:
             self._copy(call, fd, offset, views, expected, reading)
 
-    def _split(self, call, fd: int, offset: int, views: Sequence[memoryview], expected: int, reading: bool) -> None:
+    def _split_write(self, call, fd: int, offset: int, views: Sequence[memoryview], expected: int) -> None:
         count = self.helpers.threads + 1
         part_size = -(-expected // count // PAGE_SIZE) * PAGE_SIZE  # whole pages keep O_DIRECT aligned
         parts, rest = [], byte_views(views)
         for start in range(0, expected, part_size):
             part, rest = cut(rest, part_size)
             parts.append((offset + start, part, min(part_size, expected - start)))
-        self.helpers.run([partial(self._copy, call, fd, part_offset, part, size, reading)
+        self.helpers.run([partial(self._copy, call, fd, part_offset, part, size, False)
                           for part_offset, part, size in parts])
 
     def _copy(self, call, fd: int, offset: int, views: Sequence[memoryview], expected: int, reading: bool) -> None:

@@ -5,9 +5,9 @@ trio loop calls `pop()` when kicked, hands the `Chain` to its core, calls `add_u
 raises the interrupt when `needs_interrupt()` says so.
 
 Everything in the rings and descriptors is guest-controlled and may change under us at
-any time, so every value is read once (one `unpack_from` per descriptor, or one pass per
-field over a long indirect table), checked, and only then used. `GuestError` is the only exception that leaves this module for anything
-the guest controls.
+any time, so every value is read once (one `unpack_from` per descriptor, or per indirect
+table read whole), checked, and only then used. `GuestError` is the only exception that
+leaves this module for anything the guest controls.
 
 Guest memory is any object with `slice(address, length) -> memoryview` that raises
 `sandvmm.memory.GuestMemoryError` for a range that is not entirely RAM.
@@ -57,8 +57,8 @@ _pack_used_element = USED_ELEMENT.pack_into
 
 # From how many entries an indirect table is checked in bulk. The bulk path costs about
 # 2 µs more than walking a 3-entry table, and overtakes the walk at some 26 entries
-# (pop() timed on the development machine): a 4 KiB request's 3 entries are walked,
-# a 1 MiB one's up to 256 are not.
+# (pop() timed on the development machine): a 1 MiB request's up to 256 entries take it;
+# shorter tables are walked, except the 3-entry one, which has a reader of its own.
 BULK_TABLE_BYTES = 28 * DESCRIPTOR_SIZE
 
 # The ordinary indirect table, as Linux writes one: entry i links to i + 1, readable
@@ -352,9 +352,9 @@ class SplitQueue:
         read and checked in bulk, a few C-level passes over it instead of Python work per
         descriptor. Ordinary means: entries linked in order, readable buffers first, no
         nested table, nothing the walk would refuse, and every buffer in low RAM, which is
-        sliced straight from views of all of it. Anything else returns None and `_walk`
-        goes on through the table one entry at a time, reading it again (so errors are
-        found, and worded, in one place); each path acts only on what it read itself.
+        sliced straight from views of all of it. Anything else returns None and pop()
+        walks the chain from its head, reading the table again one entry at a time (so
+        errors are found, and worded, in one place); each path acts only on what it read.
         """
         kinds = table[12::16].tobytes().translate(_FLAG_BITS)
         if not _ORDINARY_FLAGS.fullmatch(kinds):
