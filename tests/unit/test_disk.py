@@ -15,7 +15,15 @@ from pathlib import Path
 import pytest
 
 from sandvmm.devices.block.disk import SPLIT_BYTES, DiskError, ImageError, RawDisk, TransferHelpers, address_of
-from sandvmm.devices.block.images import MAX_CHAIN_DEPTH, image_fds, open_chain, open_image
+from sandvmm.devices.block.images import (
+    MAX_CHAIN_DEPTH,
+    PERM_WRITE,
+    USE_BASE,
+    flock_byte,
+    image_fds,
+    open_chain,
+    open_image,
+)
 from sandvmm.devices.block.qcow2 import Qcow2Disk, create_qcow2
 
 MiB = 1 << 20
@@ -448,12 +456,14 @@ def test_locks_keep_qemu_out_and_qemu_keeps_us_out(tmp_path):
         assert result.returncode != 0 and "lock" in result.stderr  # ...but not its writers
     qemu = subprocess.Popen(["qemu-io", "-c", "sleep 20000", str(image)])
     try:
-        for _ in range(100):  # until QEMU has the image open
-            try:
-                open_image(image, read_only=True).close()
-            except ImageError:
-                break
-            time.sleep(0.05)
+        # Wait until QEMU holds its write lock. The probe only asks (F_OFD_GETLK): taking a
+        # reader's locks here could make QEMU's own open fail instead.
+        with open(image, "rb") as probe:
+            for _ in range(200):
+                if flock_byte(probe.fileno(), fcntl.F_OFD_GETLK, fcntl.F_WRLCK, USE_BASE + PERM_WRITE)[0] != fcntl.F_UNLCK:
+                    break
+                assert qemu.poll() is None, "qemu-io exited before locking the image"
+                time.sleep(0.05)
         with pytest.raises(ImageError, match="in use by another process"):
             open_image(image, read_only=False)
     finally:

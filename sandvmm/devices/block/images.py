@@ -140,7 +140,7 @@ def _backing_path(image: Path, name: str) -> Path:
     return backing if backing.is_absolute() else image.parent / backing
 
 
-def _flock(fd: int, command: int, kind: int, byte: int) -> tuple:
+def flock_byte(fd: int, command: int, kind: int, byte: int) -> tuple:
     return FLOCK.unpack(fcntl.fcntl(fd, command, FLOCK.pack(kind, os.SEEK_SET, byte, 1, 0)))
 
 
@@ -150,12 +150,12 @@ def take_lock(fd: int, writable: bool, path: Path) -> None:
     busy = f"image {path} is in use by another process (locked)"
     try:
         for byte in [USE_BASE + perm for perm in used] + [REFUSE_BASE + perm for perm in refused]:
-            _flock(fd, fcntl.F_OFD_SETLK, fcntl.F_RDLCK, byte)
+            flock_byte(fd, fcntl.F_OFD_SETLK, fcntl.F_RDLCK, byte)
         for perm in used:
-            if _flock(fd, fcntl.F_OFD_GETLK, fcntl.F_WRLCK, REFUSE_BASE + perm)[0] != fcntl.F_UNLCK:
+            if flock_byte(fd, fcntl.F_OFD_GETLK, fcntl.F_WRLCK, REFUSE_BASE + perm)[0] != fcntl.F_UNLCK:
                 raise ImageError(f"{busy}: another user refuses to share {PERM_NAMES[perm]}")
         for perm in refused:
-            if _flock(fd, fcntl.F_OFD_GETLK, fcntl.F_WRLCK, USE_BASE + perm)[0] != fcntl.F_UNLCK:
+            if flock_byte(fd, fcntl.F_OFD_GETLK, fcntl.F_WRLCK, USE_BASE + perm)[0] != fcntl.F_UNLCK:
                 raise ImageError(f"{busy}: another user has it open for {PERM_NAMES[perm]}")
     except OSError as error:
         if error.errno in (errno.EAGAIN, errno.EACCES):
