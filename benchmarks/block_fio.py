@@ -8,15 +8,18 @@ The guest image needs fio, built on the host first (the lab has no network):
 (With one lab vCPU, the guest and both VMMs share one emulated CPU; two are closer to a
 desktop, where a device child runs beside the vCPU. docs/devices/block.md has figures for both.)
 
-Each job runs with sandvmm, then with QEMU (q35, virtio-blk-pci, the same raw image file,
-host page cache in both), and the table gives MB/s and IOPS side by side with the ratio.
-Inside the lab only the ratios mean anything (docs/lab.md).
+Each job runs with sandvmm and with QEMU (q35, virtio-blk-pci, the same raw image file,
+host page cache in both), `--rounds` times, the two taking turns to go first. The table
+gives the median MB/s and IOPS side by side, the ratio of the medians and each round's
+ratio: single lab runs swing by a third, so one round proves little. Inside the lab only
+the ratios mean anything (docs/lab.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -70,13 +73,20 @@ def qemu_disk_command(kernel: str, initrd: str, disk: str, script: str) -> list[
     return command + ["-drive", f"file={disk},if=none,id=disk0,format=raw", "-device", "virtio-blk-pci,drive=disk0"]
 
 
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=10, help="fio runtime per job")
+    parser.add_argument("--rounds", type=int, default=3, help="runs per job and VMM; the medians are compared")
+    parser.add_argument("--job", action="append", choices=list(JOBS), help="run only this job (repeatable)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds a VMM gets per job before it counts as failed")
     args = parser.parse_args()
     image = ensure_image(["fio"])
-    rows = []
+    jobs = args.job or list(JOBS)
+    results = {name: {"sandvmm": [], "qemu": []} for name in jobs}
     with tempfile.TemporaryDirectory() as directory:
         disk = os.path.join(directory, "disk.img")
         with open(disk, "wb") as file:
@@ -84,19 +94,31 @@ def main() -> None:
         # Written once so reads hit allocated blocks in both VMMs.
         subprocess.run(["dd", "if=/dev/urandom", f"of={disk}", "bs=1M", "count=300", "conv=notrunc"],
                        check=True, capture_output=True)
-        for name, options in JOBS.items():
-            script = fio_script(options, args.seconds)
-            ours = parse(output(sandvmm_command(str(image.kernel), str(image.initrd), disk, script), args.timeout))
-            theirs = parse(output(qemu_disk_command(str(image.kernel), str(image.initrd), disk, script), args.timeout))
-            rows.append((name, ours, theirs))
-            print(f"{name}: sandvmm {ours} qemu {theirs}", file=sys.stderr, flush=True)
-    print("\n| job | sandvmm MB/s | sandvmm IOPS | QEMU MB/s | QEMU IOPS | sandvmm/QEMU |")
-    print("|---|---|---|---|---|---|")
-    for name, ours, theirs in rows:
-        if ours is None or theirs is None:
-            print(f"| {name} | {ours or 'failed'} | | {theirs or 'failed'} | | |")
+        commands = {"sandvmm": sandvmm_command, "qemu": qemu_disk_command}
+        for round_number in range(args.rounds):
+            # Each round swaps who goes first, so that a drift in the lab's speed (it has
+            # one) does not always favour the same VMM.
+            order = ["sandvmm", "qemu"] if round_number % 2 == 0 else ["qemu", "sandvmm"]
+            for name in jobs:
+                script = fio_script(JOBS[name], args.seconds)
+                for vmm in order:
+                    result = parse(output(commands[vmm](str(image.kernel), str(image.initrd), disk, script),
+                                          args.timeout))
+                    print(f"round {round_number + 1}, {name}: {vmm} {result}", file=sys.stderr, flush=True)
+                    if result is not None:
+                        results[name][vmm].append(result)
+    print(f"\n{args.rounds} rounds of {args.seconds} s per job and VMM; medians, and each round's ratio")
+    print("\n| job | sandvmm MB/s | sandvmm IOPS | QEMU MB/s | QEMU IOPS | sandvmm/QEMU | rounds |")
+    print("|---|---|---|---|---|---|---|")
+    for name in jobs:
+        ours, theirs = results[name]["sandvmm"], results[name]["qemu"]
+        if not ours or not theirs:
+            print(f"| {name} | {len(ours)} runs | | {len(theirs)} runs | | failed | |")
             continue
-        print(f"| {name} | {ours[0]:.1f} | {ours[1]:.0f} | {theirs[0]:.1f} | {theirs[1]:.0f} | {ours[0] / theirs[0]:.2f} |")
+        our_rate, their_rate = median([r[0] for r in ours]), median([r[0] for r in theirs])
+        each = " ".join(f"{a[0] / b[0]:.2f}" for a, b in zip(ours, theirs))
+        print(f"| {name} | {our_rate:.1f} | {median([r[1] for r in ours]):.0f} | {their_rate:.1f} |"
+              f" {median([r[1] for r in theirs]):.0f} | {our_rate / their_rate:.2f} | {each} |")
 
 
 if __name__ == "__main__":
