@@ -182,24 +182,19 @@ class FileIO:
     def _error(self, what: str, error: OSError) -> DiskError:
         return DiskError(f"{self.name}: {what} failed: {os.strerror(error.errno) if error.errno else error}")
 
-    def _transfer(self, call, offset: int, views: Sequence[memoryview], reading: bool) -> None:
-        fd = self.fd
+    def _fd_for(self, offset: int, views: Sequence[memoryview]) -> int:
         if self.buffered_fd is not None and (offset % DIRECT_ALIGNMENT or not all(map(_aligned, views))):
-            fd = self.buffered_fd
-        expected = views[0].nbytes if len(views) == 1 else sum(map(_nbytes, views))
-        if self.helpers is not None and not reading and expected >= SPLIT_BYTES:
-            self._split_write(call, fd, offset, views, expected)
-        else:
-            self._copy(call, fd, offset, views, expected, reading)
+            return self.buffered_fd
+        return self.fd
 
-    def _split_write(self, call, fd: int, offset: int, views: Sequence[memoryview], expected: int) -> None:
+    def _split_write(self, fd: int, offset: int, views: Sequence[memoryview], expected: int) -> None:
         count = self.helpers.threads + 1
         part_size = -(-expected // count // PAGE_SIZE) * PAGE_SIZE  # whole pages keep O_DIRECT aligned
         parts, rest = [], byte_views(views)
         for start in range(0, expected, part_size):
             part, rest = cut(rest, part_size)
             parts.append((offset + start, part, min(part_size, expected - start)))
-        self.helpers.run([partial(self._copy, call, fd, part_offset, part, size, False)
+        self.helpers.run([partial(self._copy, os.pwritev, fd, part_offset, part, size, False)
                           for part_offset, part, size in parts])
 
     def _copy(self, call, fd: int, offset: int, views: Sequence[memoryview], expected: int, reading: bool) -> None:
@@ -226,7 +221,8 @@ class FileIO:
 
     def read_into(self, offset: int, views: Sequence[memoryview]) -> None:
         try:
-            self._transfer(os.preadv, offset, views, True)
+            expected = views[0].nbytes if len(views) == 1 else sum(map(_nbytes, views))
+            self._copy(os.preadv, self._fd_for(offset, views), offset, views, expected, True)
         except OSError as error:
             raise self._error(f"read at {offset}", error) from None
         except OverflowError:  # an offset from a corrupt table, beyond what a file can have
@@ -235,7 +231,12 @@ class FileIO:
     def write_from(self, offset: int, views: Sequence[memoryview]) -> None:
         self.unsynced = True
         try:
-            self._transfer(os.pwritev, offset, views, False)
+            fd = self._fd_for(offset, views)
+            expected = views[0].nbytes if len(views) == 1 else sum(map(_nbytes, views))
+            if self.helpers is not None and expected >= SPLIT_BYTES:
+                self._split_write(fd, offset, views, expected)
+            else:
+                self._copy(os.pwritev, fd, offset, views, expected, False)
         except OSError as error:
             raise self._error(f"write at {offset}", error) from None
         except OverflowError:
@@ -302,6 +303,8 @@ class RawDisk:
     def __init__(self, fd: int, read_only: bool, *, name: str = "", guard_format: bool = False,
                  buffered_fd: int | None = None) -> None:
         self.io = FileIO(fd, name=name, buffered_fd=buffered_fd)
+        # Guest offsets are file offsets: reads go straight to the file, one call less per request.
+        self.read_into = self.io.read_into
         self.read_only = read_only
         self.guard_format = guard_format
         try:
@@ -320,9 +323,6 @@ class RawDisk:
     def _check_writable(self) -> None:
         if self.read_only:
             raise DiskError(f"{self.io.name} is read-only")
-
-    def read_into(self, offset: int, buffers: Sequence[memoryview]) -> None:
-        self.io.read_into(offset, buffers)
 
     def write_from(self, offset: int, buffers: Sequence[memoryview]) -> None:
         self._check_writable()

@@ -275,6 +275,7 @@ class SplitQueue:
         self._used_event_offset = 4 + 2 * size  # in the driver area
         self._avail_event_offset = 4 + 8 * size  # in the device area
         self._last_available = last_available & 0xFFFF
+        self._unpopped = 0  # chains the last read of the avail idx showed, not yet popped
         self._next_used = next_used & 0xFFFF
         self._signalled_used = self._next_used  # used idx when needs_interrupt last ran
         self._notifications = True
@@ -310,14 +311,20 @@ class SplitQueue:
         far ahead, head index out of range); with the head if that chain is malformed
         (it is consumed, so the next pop() moves on).
         """
-        if self._pending() == 0:
-            if not (self.event_idx and self._notifications):
-                return None
-            # Ask for a kick on the next buffer, then look again: see the class docstring.
-            _pack_u16(self._used, self._avail_event_offset, self._last_available)
-            full_barrier()
-            if self._pending() == 0:
-                return None
+        if not self._unpopped:
+            # The avail idx is read again only once every chain it showed has been popped:
+            # one read per batch, not per chain.
+            self._unpopped = self._pending()
+            if not self._unpopped:
+                if not (self.event_idx and self._notifications):
+                    return None
+                # Ask for a kick on the next buffer, then look again: see the class docstring.
+                _pack_u16(self._used, self._avail_event_offset, self._last_available)
+                full_barrier()
+                self._unpopped = self._pending()
+                if not self._unpopped:
+                    return None
+        self._unpopped -= 1
         slot = self._last_available & self._mask
         head = _unpack_u16(self._avail, 4 + 2 * slot)[0]
         self._last_available = (self._last_available + 1) & 0xFFFF
@@ -332,7 +339,7 @@ class SplitQueue:
                     and address + length <= self._ram_end):
                 chain = None
                 if length == THREE_DESCRIPTORS_BYTES:
-                    chain = self._three_entry_table(head, self._ram_readonly[address:address + length])
+                    chain = self._three_entry_table(head, address)
                 elif BULK_TABLE_BYTES <= length <= self.size << 4 and not length & 15:
                     chain = self._ordinary_table(head, self._ram_readonly[address:address + length], length >> 4)
                 if chain is not None:
@@ -381,11 +388,12 @@ class SplitQueue:
                     in zip(addresses[readable_count:], lengths[readable_count:])]
         return Chain(head, readable, writable, readable_length, writable_length)
 
-    def _three_entry_table(self, head: int, table: memoryview) -> Chain | None:
-        """The chain in an indirect table of 3 entries, if it is ordinary (see
-        `_ordinary_table`): entry 0 readable, entry 2 writable, entry 1 either; else None."""
+    def _three_entry_table(self, head: int, table_address: int) -> Chain | None:
+        """The chain in the indirect table of 3 entries at `table_address` (in low RAM), if
+        it is ordinary (see `_ordinary_table`): entry 0 readable, entry 2 writable, entry 1
+        either; else None."""
         (address0, length0, flags0, next0, address1, length1, flags1, next1,
-         address2, length2, flags2, _) = _unpack_three_descriptors(table)
+         address2, length2, flags2, _) = _unpack_three_descriptors(self._ram_readonly, table_address)
         if next0 != 1 or next1 != 2 or flags0 & 7 != VIRTQ_DESC_F_NEXT or flags2 & 7 != VIRTQ_DESC_F_WRITE:
             return None
         ram_end = self._ram_end
