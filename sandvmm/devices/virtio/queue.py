@@ -275,7 +275,6 @@ class SplitQueue:
         self._used_event_offset = 4 + 2 * size  # in the driver area
         self._avail_event_offset = 4 + 8 * size  # in the device area
         self._last_available = last_available & 0xFFFF
-        self._unpopped = 0  # chains the last read of the avail idx showed, not yet popped
         self._next_used = next_used & 0xFFFF
         self._signalled_used = self._next_used  # used idx when needs_interrupt last ran
         self._notifications = True
@@ -311,20 +310,14 @@ class SplitQueue:
         far ahead, head index out of range); with the head if that chain is malformed
         (it is consumed, so the next pop() moves on).
         """
-        if not self._unpopped:
-            # The avail idx is read again only once every chain it showed has been popped:
-            # one read per batch, not per chain.
-            self._unpopped = self._pending()
-            if not self._unpopped:
-                if not (self.event_idx and self._notifications):
-                    return None
-                # Ask for a kick on the next buffer, then look again: see the class docstring.
-                _pack_u16(self._used, self._avail_event_offset, self._last_available)
-                full_barrier()
-                self._unpopped = self._pending()
-                if not self._unpopped:
-                    return None
-        self._unpopped -= 1
+        if self._pending() == 0:
+            if not (self.event_idx and self._notifications):
+                return None
+            # Ask for a kick on the next buffer, then look again: see the class docstring.
+            _pack_u16(self._used, self._avail_event_offset, self._last_available)
+            full_barrier()
+            if self._pending() == 0:
+                return None
         slot = self._last_available & self._mask
         head = _unpack_u16(self._avail, 4 + 2 * slot)[0]
         self._last_available = (self._last_available + 1) & 0xFFFF
