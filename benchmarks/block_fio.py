@@ -63,6 +63,15 @@ def output(command: list[str], timeout: float) -> str:
         return ""
 
 
+def fio_result(command: list[str], timeout: float) -> tuple[float, float] | None:
+    """(MB/s, IOPS), or None with the end of the console output shown (a guest that died)."""
+    console = output(command, timeout)
+    result = parse(console)
+    if result is None:
+        print("no fio result; the console ended with:", *console.splitlines()[-8:], sep="\n  ", file=sys.stderr)
+    return result
+
+
 def sandvmm_command(kernel: str, initrd: str, disk: str, script: str) -> list[str]:
     return [sys.executable, "-m", "sandvmm", "run", "--mem", "1024", "--kernel", kernel, "--initrd", initrd,
             "--block", disk, "--", "sh", "-c", script]
@@ -107,21 +116,23 @@ def main() -> None:
             for name in jobs:
                 script = fio_script(JOBS[name], args.seconds)
                 for vmm in order:
-                    result = parse(output(commands[vmm](str(image.kernel), str(image.initrd), disk, script),
-                                          args.timeout))
+                    result = fio_result(commands[vmm](str(image.kernel), str(image.initrd), disk, script),
+                                        args.timeout)
                     print(f"round {round_number + 1}, {name}: {vmm} {result}", file=sys.stderr, flush=True)
-                    if result is not None:
-                        results[name][vmm].append(result)
+                    results[name][vmm].append(result)
     print(f"\n{args.rounds} rounds of {args.seconds} s per job and VMM; medians, and each round's ratio")
     print("\n| job | sandvmm MB/s | sandvmm IOPS | QEMU MB/s | QEMU IOPS | sandvmm/QEMU | rounds |")
     print("|---|---|---|---|---|---|---|")
     for name in jobs:
-        ours, theirs = results[name]["sandvmm"], results[name]["qemu"]
+        # A failed run (None) leaves its round's ratio out, and its VMM's median.
+        pairs = list(zip(results[name]["sandvmm"], results[name]["qemu"]))
+        ours = [a for a, _ in pairs if a is not None]
+        theirs = [b for _, b in pairs if b is not None]
         if not ours or not theirs:
             print(f"| {name} | {len(ours)} runs | | {len(theirs)} runs | | failed | |")
             continue
         our_rate, their_rate = median([r[0] for r in ours]), median([r[0] for r in theirs])
-        each = " ".join(f"{a[0] / b[0]:.2f}" for a, b in zip(ours, theirs))
+        each = " ".join(f"{a[0] / b[0]:.2f}" if a and b else "-" for a, b in pairs)
         print(f"| {name} | {our_rate:.1f} | {median([r[1] for r in ours]):.0f} | {their_rate:.1f} |"
               f" {median([r[1] for r in theirs]):.0f} | {our_rate / their_rate:.2f} | {each} |")
 
