@@ -10,9 +10,9 @@ desktop, where a device child runs beside the vCPU. docs/devices/block.md has fi
 
 Each job runs with sandvmm and with QEMU (q35, virtio-blk-pci, the same raw image file,
 host page cache in both), `--rounds` times, the two taking turns to go first. The table
-gives the median MB/s and IOPS side by side, the ratio of the medians and each round's
-ratio: single lab runs swing by a third, so one round proves little. Inside the lab only
-the ratios mean anything (docs/lab.md).
+gives the median MB/s and IOPS side by side, the median of the rounds' ratios and each
+round's ratio: single lab runs swing by a third, so one round proves little. Inside the
+lab only the ratios mean anything (docs/lab.md).
 """
 
 from __future__ import annotations
@@ -120,7 +120,8 @@ def main() -> None:
                                         args.timeout)
                     print(f"round {round_number + 1}, {name}: {vmm} {result}", file=sys.stderr, flush=True)
                     results[name][vmm].append(result)
-    print(f"\n{args.rounds} rounds of {args.seconds} s per job and VMM; medians, and each round's ratio")
+    print(f"\n{args.rounds} rounds of {args.seconds} s per job and VMM: medians; the ratio is the median of"
+          " the rounds' ratios (the two runs of a round are next to each other in time, and the lab drifts)")
     print("\n| job | sandvmm MB/s | sandvmm IOPS | QEMU MB/s | QEMU IOPS | sandvmm/QEMU | rounds |")
     print("|---|---|---|---|---|---|---|")
     for name in jobs:
@@ -131,10 +132,11 @@ def main() -> None:
         if not ours or not theirs:
             print(f"| {name} | {len(ours)} runs | | {len(theirs)} runs | | failed | |")
             continue
-        our_rate, their_rate = median([r[0] for r in ours]), median([r[0] for r in theirs])
-        each = " ".join(f"{a[0] / b[0]:.2f}" if a and b else "-" for a, b in pairs)
-        print(f"| {name} | {our_rate:.1f} | {median([r[1] for r in ours]):.0f} | {their_rate:.1f} |"
-              f" {median([r[1] for r in theirs]):.0f} | {our_rate / their_rate:.2f} | {each} |")
+        ratios = [a[0] / b[0] if a and b else None for a, b in pairs]
+        each = " ".join("-" if ratio is None else f"{ratio:.2f}" for ratio in ratios)
+        print(f"| {name} | {median([r[0] for r in ours]):.1f} | {median([r[1] for r in ours]):.0f} |"
+              f" {median([r[0] for r in theirs]):.1f} | {median([r[1] for r in theirs]):.0f} |"
+              f" {median([ratio for ratio in ratios if ratio is not None]):.2f} | {each} |")
 
 
 if __name__ == "__main__":
