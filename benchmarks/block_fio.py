@@ -91,7 +91,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=10, help="fio runtime per job")
     parser.add_argument("--rounds", type=int, default=3, help="runs per job and VMM; the medians are compared")
     parser.add_argument("--job", action="append", choices=list(JOBS), help="run only this job (repeatable)")
-    parser.add_argument("--timeout", type=float, default=900, help="seconds a VMM gets per job before it counts as failed")
+    parser.add_argument("--timeout", type=float, default=300,
+                        help="seconds a VMM gets per job before it counts as failed (a run takes about 1 min in the lab)")
     args = parser.parse_args()
     image = ensure_image(["fio"])
     jobs = args.job or list(JOBS)
