@@ -54,21 +54,24 @@ def parse(output: str) -> tuple[float, float] | None:
     return None
 
 
-def output(command: list[str], timeout: float) -> str:
-    """The VMM's console output; empty (a failed row) if it did not finish in time."""
+def run_vmm(command: list[str], timeout: float) -> subprocess.CompletedProcess | None:
+    """The finished VMM (console output in stdout), or None if it did not finish in time."""
     try:
-        return subprocess.run(command, capture_output=True, text=True, timeout=timeout).stdout
+        return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         print(f"{command[0]} ...: no result within {timeout:.0f} s", file=sys.stderr)
-        return ""
+        return None
 
 
 def fio_result(command: list[str], timeout: float) -> tuple[float, float] | None:
-    """(MB/s, IOPS), or None with the end of the console output shown (a guest that died)."""
-    console = output(command, timeout)
-    result = parse(console)
+    """(MB/s, IOPS), or None, with the end of the VMM's output shown (a guest or VMM that died)."""
+    finished = run_vmm(command, timeout)
+    if finished is None:
+        return None
+    result = parse(finished.stdout)
     if result is None:
-        print("no fio result; the console ended with:", *console.splitlines()[-8:], sep="\n  ", file=sys.stderr)
+        print(f"no fio result (exit status {finished.returncode}); the output ended with:",
+              *finished.stdout.splitlines()[-6:], *finished.stderr.splitlines()[-6:], sep="\n  ", file=sys.stderr)
     return result
 
 
@@ -109,7 +112,7 @@ def main() -> None:
         # image from cold caches (over 9p in the lab), and QEMU's first 4 KiB run came out
         # at half its later speed.
         for vmm, command in commands.items():
-            output(command(str(image.kernel), str(image.initrd), disk, "true"), args.timeout)
+            run_vmm(command(str(image.kernel), str(image.initrd), disk, "true"), args.timeout)
         for round_number in range(args.rounds):
             # Each round swaps who goes first, so that a drift in the lab's speed (it has
             # one) does not always favour the same VMM.
