@@ -65,7 +65,7 @@ _nbytes = operator.attrgetter("nbytes")
 
 
 def total_length(views: Sequence[memoryview]) -> int:
-    return sum(map(_nbytes, views))
+    return views[0].nbytes if len(views) == 1 else sum(map(_nbytes, views))  # one view: the usual read
 
 
 def fill_zeros(views: Sequence[memoryview]) -> None:
@@ -221,7 +221,7 @@ class FileIO:
 
     def read_into(self, offset: int, views: Sequence[memoryview]) -> None:
         try:
-            expected = views[0].nbytes if len(views) == 1 else sum(map(_nbytes, views))
+            expected = total_length(views)
             self._copy(os.preadv, self._fd_for(offset, views), offset, views, expected, True)
         except OSError as error:
             raise self._error(f"read at {offset}", error) from None
@@ -232,7 +232,7 @@ class FileIO:
         self.unsynced = True
         try:
             fd = self._fd_for(offset, views)
-            expected = views[0].nbytes if len(views) == 1 else sum(map(_nbytes, views))
+            expected = total_length(views)
             if self.helpers is not None and expected >= SPLIT_BYTES:
                 self._split_write(fd, offset, views, expected)
             else:
