@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import itertools
 import operator
 import os
 import stat
-from concurrent.futures.thread import ThreadPoolExecutor  # here, not lazily: the jail hides the files
+import threading
 from functools import partial
 from typing import Callable, Protocol, Sequence
 
@@ -22,11 +23,12 @@ DIRECT_ALIGNMENT = 4096  # O_DIRECT wants the logical block size; 4 KiB covers 5
 ZEROS = bytes(2 << 20)  # as large as the largest qcow2 cluster
 QCOW2_MAGIC = b"QFI\xfb"
 
-# A write this large is cut into parts, about equal and page-aligned, written at once by
-# the calling thread and the helper threads, where the device has helpers (main gives them
-# where it has more than one CPU). A write into the host's page cache is kernel work
-# (finding, copying and dirtying each page) that runs well on several CPUs: 1 MiB writes
-# went from 0.5 to 0.85 of QEMU's throughput in a 2-vCPU lab. Reads are not split: a read
+# A write this large is cut into one part per thread, about equal and page-aligned, which
+# the calling thread and the helper threads take as each comes free, where the device has
+# helpers (main gives them where it has more than one CPU). A write into the host's page
+# cache is kernel work (finding, copying and dirtying each page) that runs well on several
+# CPUs: 1 MiB writes went from 0.5 to 0.85 of QEMU's throughput in a 2-vCPU lab, and to
+# 1.1 once a helper that woke late no longer held the caller up. Reads are not split: a read
 # is one copy, which one thread does at some 2 GB/s there, and handing half of it to a
 # thread cost more than it saved (1 MiB reads 1.2 -> 0.6 of QEMU's).
 SPLIT_BYTES = 512 << 10
@@ -127,37 +129,76 @@ def _aligned(view: memoryview) -> bool:
     return not view.nbytes or address_of(view) % DIRECT_ALIGNMENT == 0
 
 
+class _Transfer:
+    """One large write's parts, each taken by whichever thread is free first: a helper that
+    wakes late then leaves its parts to the caller instead of making it wait."""
+
+    def __init__(self, parts: Sequence[Callable[[], None]]) -> None:
+        self.parts = parts
+        # next() on a count is one C call, so under the GIL no two threads get one number.
+        self._take = itertools.count().__next__
+        self._finish = itertools.count(1).__next__
+        self.all_finished = threading.Lock()  # released by a helper that finishes the last part
+        self.all_finished.acquire()
+        self.error: Exception | None = None
+
+    def work(self) -> bool:
+        """Run parts until none is left to take; True if this thread finished the last one."""
+        finished_last = False
+        while (index := self._take()) < len(self.parts):
+            try:
+                self.parts[index]()
+            except Exception as raised:
+                self.error = self.error or raised
+            finished_last = self._finish() == len(self.parts)
+        return finished_last
+
+
 class TransferHelpers:
     """Threads that write parts of a large write beside the thread that asked for it.
 
     They start at the first large write, in the device child after it is jailed: a
     thread made earlier would keep the capabilities and lack the seccomp filter that the
-    jail gives the thread it runs in.
+    jail gives the thread it runs in. A bare lock per helper wakes it: a thread pool's
+    futures and condition variables cost more Python per write than the lab could spare.
     """
 
     def __init__(self, threads: int) -> None:
         self.threads = threads
-        self._executor: ThreadPoolExecutor | None = None
+        self._wakes: list[threading.Lock] = []  # held while the helper has nothing new to look at
+        self._current: _Transfer | None = None
 
-    def run(self, calls: Sequence[Callable[[], None]]) -> None:
-        """Run every call, the first in this thread; return when all are done (the guest's
-        buffers must not be written after the request completes), raising the first error."""
-        if self._executor is None:
-            # Every thread allocates from glibc's main arena: a thread's own arena, when it
-            # shrinks, has glibc open /proc/sys/vm/overcommit_memory, which the jail forbids.
-            _libc.mallopt(M_ARENA_MAX, 1)
-            self._executor = ThreadPoolExecutor(self.threads, thread_name_prefix="sandvmm-transfer")
-        futures = [self._executor.submit(call) for call in calls[1:]]
-        error = None
-        try:
-            calls[0]()
-        except Exception as raised:
-            error = raised
-        for future in futures:
-            raised = future.exception()  # waits for it, error or not
-            error = error or raised
-        if error is not None:
-            raise error
+    def _start(self) -> None:
+        # Every thread allocates from glibc's main arena: a thread's own arena, when it
+        # shrinks, has glibc open /proc/sys/vm/overcommit_memory, which the jail forbids.
+        _libc.mallopt(M_ARENA_MAX, 1)
+        for number in range(self.threads):
+            wake = threading.Lock()
+            wake.acquire()
+            self._wakes.append(wake)
+            threading.Thread(target=self._serve, args=(wake,), name=f"sandvmm-transfer-{number}", daemon=True).start()
+
+    def _serve(self, wake: threading.Lock) -> None:
+        while True:
+            wake.acquire()
+            transfer = self._current  # the newest, if this helper woke late for an older one
+            if transfer.work():
+                transfer.all_finished.release()
+
+    def run(self, parts: Sequence[Callable[[], None]]) -> None:
+        """Run every part, this thread taking its share; return when all are done (the
+        guest's buffers must not be written after the request completes), raising the
+        first error."""
+        if not self._wakes:
+            self._start()
+        transfer = self._current = _Transfer(parts)
+        for wake in self._wakes:
+            if wake.locked():  # only this thread releases, so no helper's wake is released twice
+                wake.release()
+        if not transfer.work():
+            transfer.all_finished.acquire()
+        if transfer.error is not None:
+            raise transfer.error
 
 
 class FileIO:
