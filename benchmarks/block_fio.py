@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 from sandvmm.image.build import ensure_image
 from sandvmm.lab.peer import PeerConfig, qemu_command
@@ -56,11 +58,41 @@ def parse(output: str) -> tuple[float, float] | None:
 
 def run_vmm(command: list[str], timeout: float) -> subprocess.CompletedProcess | None:
     """The finished VMM (console output in stdout), or None if it did not finish in time."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
     try:
-        return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        print(f"{command[0]} ...: no result within {timeout:.0f} s", file=sys.stderr)
+        print(f"{command[0]} ...: no result within {timeout:.0f} s; where its threads were:", file=sys.stderr)
+        print(*process_tree_threads(process.pid), sep="\n  ", file=sys.stderr, flush=True)
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        print("  its output ended with:", *stdout.splitlines()[-6:], *stderr.splitlines()[-6:], sep="\n  ",
+              file=sys.stderr, flush=True)
         return None
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def process_tree_threads(root: int) -> list[str]:
+    """One line per thread of process `root` and its descendants (the jailed children are in
+    sessions of their own): name, state, and where in the kernel it waits."""
+    parents = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            parents[int(pid)] = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):  # gone meanwhile
+            continue
+    tree, lines = [root], [""]
+    for pid in tree:
+        tree.extend(child for child, parent in parents.items() if parent == pid)
+        try:
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                state = (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                stack = " < ".join(line.split()[-1] for line in (task / "stack").read_text().splitlines()[:6])
+                lines.append(f"{pid}/{task.name} {(task / 'comm').read_text().strip()} {state} {stack}")
+        except (OSError, IndexError):  # gone meanwhile, or no stack to read (not root)
+            continue
+    return lines
 
 
 def fio_result(command: list[str], timeout: float) -> tuple[float, float] | None:
