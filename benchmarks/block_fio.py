@@ -9,10 +9,11 @@ The guest image needs fio, built on the host first (the lab has no network):
 desktop, where a device child runs beside the vCPU. docs/devices/block.md has figures for both.)
 
 Each job runs with sandvmm and with QEMU (q35, virtio-blk-pci, the same raw image file,
-host page cache in both), `--rounds` times, the two taking turns to go first. The table
-gives the median MB/s and IOPS side by side, the median of the rounds' ratios and each
+host page cache in both), `--rounds` times, the VMMs taking turns to go first. The table
+gives each VMM's median MB/s and IOPS, the median of the rounds' ratios to QEMU and each
 round's ratio: single lab runs swing by a third, so one round proves little. Inside the
-lab only the ratios mean anything (docs/lab.md).
+lab only the ratios mean anything (docs/lab.md). `--checkout DIR` adds the sandvmm of
+another source tree (say, the commit before a change) to every round: an A/B in one lab.
 """
 
 from __future__ import annotations
@@ -56,10 +57,14 @@ def parse(output: str) -> tuple[float, float] | None:
     return None
 
 
-def run_vmm(command: list[str], timeout: float) -> subprocess.CompletedProcess | None:
-    """The finished VMM (console output in stdout), or None if it did not finish in time."""
+def run_vmm(command: list[str], timeout: float, checkout: str | None = None) -> subprocess.CompletedProcess | None:
+    """The finished VMM (console output in stdout), or None if it did not finish in time.
+
+    checkout: a source tree to take sandvmm from instead of this one (`python3 -m` looks in
+    the working directory first, so the VMM runs there)."""
+    env = None if checkout is None else {**os.environ, "PYTHONPATH": checkout}
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
+                               start_new_session=True, cwd=checkout, env=env)
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -95,9 +100,9 @@ def process_tree_threads(root: int) -> list[str]:
     return lines
 
 
-def fio_result(command: list[str], timeout: float) -> tuple[float, float] | None:
+def fio_result(command: list[str], timeout: float, checkout: str | None = None) -> tuple[float, float] | None:
     """(MB/s, IOPS), or None, with the end of the VMM's output shown (a guest or VMM that died)."""
-    finished = run_vmm(command, timeout)
+    finished = run_vmm(command, timeout, checkout)
     if finished is None:
         return None
     result = parse(finished.stdout)
@@ -126,12 +131,23 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=10, help="fio runtime per job")
     parser.add_argument("--rounds", type=int, default=3, help="runs per job and VMM; the medians are compared")
     parser.add_argument("--job", action="append", choices=list(JOBS), help="run only this job (repeatable)")
+    parser.add_argument("--checkout", action="append", default=[], metavar="DIR",
+                        help="also run the sandvmm in this source tree, beside this one (repeatable: an A/B "
+                             "of a change in one lab session)")
     parser.add_argument("--timeout", type=float, default=300,
                         help="seconds a VMM gets per job before it counts as failed (a run takes about 1 min in the lab)")
     args = parser.parse_args()
-    image = ensure_image(["fio"])
     jobs = args.job or list(JOBS)
-    results = {name: {"sandvmm": [], "qemu": []} for name in jobs}
+    # Each VMM: its command maker, and the source tree it runs from (None: this one).
+    vmms = {"sandvmm": (sandvmm_command, None)}
+    for checkout in args.checkout:
+        if not os.path.isdir(os.path.join(checkout, "sandvmm")):
+            parser.error(f"--checkout {checkout}: no sandvmm package there")
+        checkout = os.path.abspath(checkout)
+        vmms[f"sandvmm@{os.path.basename(checkout)}"] = (sandvmm_command, checkout)
+    vmms["QEMU"] = (qemu_disk_command, None)
+    image = ensure_image(["fio"])
+    results = {name: {vmm: [] for vmm in vmms} for name in jobs}
     with tempfile.TemporaryDirectory() as directory:
         disk = os.path.join(directory, "disk.img")
         with open(disk, "wb") as file:
@@ -139,40 +155,46 @@ def main() -> None:
         # Written once so reads hit allocated blocks in both VMMs.
         subprocess.run(["dd", "if=/dev/urandom", f"of={disk}", "bs=1M", "count=300", "conv=notrunc"],
                        check=True, capture_output=True)
-        commands = {"sandvmm": sandvmm_command, "qemu": qemu_disk_command}
+
+        def command_for(vmm: str, script: str) -> tuple[list[str], str | None]:
+            make_command, checkout = vmms[vmm]
+            return make_command(str(image.kernel), str(image.initrd), disk, script), checkout
+
         # One untimed boot each first: a VMM's first start reads its binaries and the guest
         # image from cold caches (over 9p in the lab), and QEMU's first 4 KiB run came out
         # at half its later speed.
-        for vmm, command in commands.items():
-            run_vmm(command(str(image.kernel), str(image.initrd), disk, "true"), args.timeout)
+        for vmm in vmms:
+            command, checkout = command_for(vmm, "true")
+            run_vmm(command, args.timeout, checkout)
         for round_number in range(args.rounds):
-            # Each round swaps who goes first, so that a drift in the lab's speed (it has
-            # one) does not always favour the same VMM.
-            order = ["sandvmm", "qemu"] if round_number % 2 == 0 else ["qemu", "sandvmm"]
+            # Each round starts with the next VMM, so that a drift in the lab's speed (it
+            # has one) does not always favour the same one.
+            shift = round_number % len(vmms)
+            order = [*vmms][shift:] + [*vmms][:shift]
             for name in jobs:
-                script = fio_script(JOBS[name], args.seconds)
                 for vmm in order:
-                    result = fio_result(commands[vmm](str(image.kernel), str(image.initrd), disk, script),
-                                        args.timeout)
+                    command, checkout = command_for(vmm, fio_script(JOBS[name], args.seconds))
+                    result = fio_result(command, args.timeout, checkout)
                     print(f"round {round_number + 1}, {name}: {vmm} {result}", file=sys.stderr, flush=True)
                     results[name][vmm].append(result)
     print(f"\n{args.rounds} rounds of {args.seconds} s per job and VMM: medians; the ratio is the median of"
-          " the rounds' ratios (the two runs of a round are next to each other in time, and the lab drifts)")
-    print("\n| job | sandvmm MB/s | sandvmm IOPS | QEMU MB/s | QEMU IOPS | sandvmm/QEMU | rounds |")
-    print("|---|---|---|---|---|---|---|")
+          " the rounds' ratios to QEMU (the runs of a round are next to each other in time, and the lab drifts)")
+    print("\n| job | VMM | MB/s | IOPS | / QEMU | rounds |")
+    print("|---|---|---|---|---|---|")
     for name in jobs:
-        # A failed run (None) leaves its round's ratio out, and its VMM's median.
-        pairs = list(zip(results[name]["sandvmm"], results[name]["qemu"]))
-        ours = [a for a, _ in pairs if a is not None]
-        theirs = [b for _, b in pairs if b is not None]
-        if not ours or not theirs:
-            print(f"| {name} | {len(ours)} runs | | {len(theirs)} runs | | failed | |")
-            continue
-        ratios = [a[0] / b[0] if a and b else None for a, b in pairs]
-        each = " ".join("-" if ratio is None else f"{ratio:.2f}" for ratio in ratios)
-        print(f"| {name} | {median([r[0] for r in ours]):.1f} | {median([r[1] for r in ours]):.0f} |"
-              f" {median([r[0] for r in theirs]):.1f} | {median([r[1] for r in theirs]):.0f} |"
-              f" {median([ratio for ratio in ratios if ratio is not None]):.2f} | {each} |")
+        theirs = results[name]["QEMU"]
+        for vmm, runs in results[name].items():
+            # A failed run (None) leaves its round's ratio out, and its VMM's median.
+            done = [run for run in runs if run is not None]
+            if not done:
+                print(f"| {name} | {vmm} | failed | | | |")
+                continue
+            ratios = [ours[0] / qemu[0] if ours and qemu else None for ours, qemu in zip(runs, theirs)]
+            known = [ratio for ratio in ratios if ratio is not None]
+            each = " ".join("-" if ratio is None else f"{ratio:.2f}" for ratio in ratios)
+            ratio = "" if vmm == "QEMU" else f"{median(known):.2f}" if known else "-"
+            print(f"| {name} | {vmm} | {median([r[0] for r in done]):.1f} | {median([r[1] for r in done]):.0f} |"
+                  f" {ratio} | {'' if vmm == 'QEMU' else each} |")
 
 
 if __name__ == "__main__":
