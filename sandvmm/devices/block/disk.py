@@ -28,10 +28,9 @@ QCOW2_MAGIC = b"QFI\xfb"
 # helpers (main gives them where it has more than one CPU). A write into the host's page
 # cache is kernel work (finding, copying and dirtying each page) that runs well on several
 # CPUs: 1 MiB writes went from 0.5 to 0.85 of QEMU's throughput in a 2-vCPU lab, and to
-# about parity (0.96 to 1.12 in three labs) once a helper that woke late no longer held the
-# caller up. Reads are not split: a read is one copy, which one thread does at some 2 GB/s
-# there, and handing half of it to a thread cost more than it saved (1 MiB reads 1.2 -> 0.6
-# of QEMU's).
+# 1.06 (a median over seven labs) once a helper that woke late no longer held the caller up.
+# Reads are not split: a read is one copy, which one thread does at some 2 GB/s there, and
+# handing half of it to a thread cost more than it saved (1 MiB reads 1.2 -> 0.6 of QEMU's).
 SPLIT_BYTES = 512 << 10
 PAGE_SIZE = 4096
 
