@@ -1,8 +1,10 @@
-"""The virtqueue's bulk paths for indirect tables (SplitQueue._ordinary_table, _three_entry_table).
+"""The virtqueue's bulk paths for indirect tables (SplitQueue._ordinary_table, and the
+three-entry tables `serve()` offers its `handle_three`).
 
 A table of BULK_TABLE_BYTES or more behind a head descriptor is read in bulk when it is
-ordinary, and so is a table of exactly three entries (a 4 KiB block request); anything
-else goes to the general walk, which must then decide exactly as it does for other tables.
+ordinary, and so is a table of exactly three entries (a 4 KiB block request) when served;
+anything else goes to the general walk, which must then decide exactly as it does for
+other tables.
 """
 
 import pytest
@@ -78,6 +80,27 @@ def pop_outcome(queue, memory):
     return ("chain", chain.head, ranges(memory, chain.readable), ranges(memory, chain.writable),
             [view.readonly for view in chain.readable + chain.writable],
             chain.readable_length, chain.writable_length)
+
+
+def serve_outcome(queue, memory):
+    """What serve() makes of the one chain offered, in pop_outcome's terms (an error is
+    completed, not raised: it has no message), and what handle_three was offered."""
+    offered, chains = [], []
+
+    def handle_three(*buffers):
+        offered.append(buffers)
+        return None  # so that the chain goes on to handle, as a Chain
+
+    def handle(chain):
+        chains.append(chain)
+        return 0
+    assert queue.serve(handle, handle_three=handle_three) == 1
+    if not chains:
+        return ("error",), offered
+    chain, = chains
+    return ("chain", chain.head, ranges(memory, chain.readable), ranges(memory, chain.writable),
+            [view.readonly for view in chain.readable + chain.writable],
+            chain.readable_length, chain.writable_length), offered
 
 
 def general_walk_outcome(memory, *args, **kwargs):
@@ -234,15 +257,21 @@ def test_bent_long_tables_come_out_as_the_general_walk_and_the_reference_say(sha
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(entries=bent_tables(st.just(3)))
 def test_bent_three_entry_tables_come_out_as_the_general_walk_and_the_reference_say(shared_memory, entries):
-    check_against_general_walk_and_reference(shared_memory, entries)
+    check_against_general_walk_and_reference(shared_memory, entries, served=True)
 
 
-def check_against_general_walk_and_reference(memory, entries):
+def check_against_general_walk_and_reference(memory, entries, served=False):
     memory.view[:] = bytes(RAM_SIZE)
     queue = offer_table(memory, entries)
     snapshot = memory.read(0, RAM_SIZE)
-    outcome = pop_outcome(queue, memory)
-    assert outcome == general_walk_outcome(memory, entries)
+    walked = general_walk_outcome(memory, entries)
+    if served:
+        outcome, _ = serve_outcome(queue, memory)
+        assert outcome == (walked[:1] if walked[0] == "error" else walked)
+        outcome = walked  # the same, with the head and the message
+    else:
+        outcome = pop_outcome(queue, memory)
+        assert outcome == walked
     try:
         expected = reference_chain(snapshot, RINGS, QUEUE_SIZE, outcome[1], True)
     except Bad:
@@ -260,16 +289,16 @@ def check_against_general_walk_and_reference(memory, entries):
 
 @pytest.mark.parametrize("writable_from, readable_length, writable_length", [(1, 16, 17 + 18), (2, 16 + 17, 18)],
                          ids=["a read", "a write"])
-def test_three_entry_tables_are_read_whole(ram, monkeypatch, writable_from, readable_length, writable_length):
+def test_three_entry_tables_are_read_whole(ram, writable_from, readable_length, writable_length):
     entries = ordinary_table(3, writable_from=writable_from)
     queue = offer_table(ram, entries)
-    three = bulk_results(queue, monkeypatch, "_three_entry_table")
-    chain = queue.pop()
-    assert three == [chain]
-    assert ranges(ram, chain.readable) == [(address, length) for address, length, *_ in entries[:writable_from]]
-    assert ranges(ram, chain.writable) == [(address, length) for address, length, *_ in entries[writable_from:]]
-    assert [view.readonly for view in chain.readable + chain.writable] == [True] * writable_from + [False] * (3 - writable_from)
-    assert (chain.readable_length, chain.writable_length) == (readable_length, writable_length)
+    outcome, offered = serve_outcome(queue, ram)
+    (header, data, data_is_writable, status), = offered
+    assert ranges(ram, [header, data, status]) == [(address, length) for address, length, *_ in entries]
+    assert (header.readonly, data.readonly, data_is_writable, status.readonly) == (
+        True, writable_from == 2, writable_from == 1, False)
+    assert outcome == general_walk_outcome(ram, entries)  # the Chain made of them when handle_three declines
+    assert outcome[5:] == (readable_length, writable_length)
 
 
 UNUSUAL_THREE = {  # valid, but not what the three-entry path takes
@@ -280,11 +309,9 @@ UNUSUAL_THREE = {  # valid, but not what the three-entry path takes
 
 
 @pytest.mark.parametrize("entries", UNUSUAL_THREE.values(), ids=UNUSUAL_THREE.keys())
-def test_unusual_three_entry_tables_are_walked(ram, monkeypatch, entries):
-    queue = offer_table(ram, entries)
-    three = bulk_results(queue, monkeypatch, "_three_entry_table")
-    outcome = pop_outcome(queue, ram)
-    assert three == [None] and outcome[0] == "chain"
+def test_unusual_three_entry_tables_are_walked(ram, entries):
+    outcome, offered = serve_outcome(offer_table(ram, entries), ram)
+    assert offered == [] and outcome[0] == "chain"
     assert outcome == general_walk_outcome(ram, entries)
 
 
@@ -296,12 +323,9 @@ def test_unusual_three_entry_tables_are_walked(ram, monkeypatch, entries):
     ("link", 1, "longer than the queue"),
     ("link", 3, "beyond the indirect table"),
 ])
-def test_malformed_three_entry_tables_are_refused_as_the_general_walk_refuses_them(ram, monkeypatch, field, value,
-                                                                                     message):
+def test_malformed_three_entry_tables_are_refused_as_the_general_walk_refuses_them(ram, field, value, message):
     entries = _set(ordinary_table(3), 1, **{field: value})
-    queue = offer_table(ram, entries)
-    three = bulk_results(queue, monkeypatch, "_three_entry_table")
-    outcome = pop_outcome(queue, ram)
-    assert three == [None]
-    assert outcome[0] == "error" and message in outcome[2]
-    assert outcome == general_walk_outcome(ram, entries)
+    outcome, offered = serve_outcome(offer_table(ram, entries), ram)
+    assert offered == [] and outcome == ("error",)
+    walked = general_walk_outcome(ram, entries)
+    assert walked[0] == "error" and message in walked[2]

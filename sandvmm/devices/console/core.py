@@ -15,7 +15,7 @@ from __future__ import annotations
 import struct
 from typing import Callable
 
-from sandvmm.devices.virtio.device import RING_FEATURES, drain
+from sandvmm.devices.virtio.device import RING_FEATURES
 from sandvmm.devices.virtio.queue import Chain, SplitQueue
 
 VIRTIO_ID_CONSOLE = 3
@@ -112,13 +112,13 @@ class ConsoleCore:
         if queue is None:
             return False
         if index == TRANSMIT_QUEUE:
-            return bool(drain(queue, self._transmit))
+            return bool(queue.serve(self._transmit))
         if index == RECEIVE_QUEUE:
-            return bool(drain(queue, self._receive, more=lambda: self.port_open and bool(self.pending_input)))
+            return bool(queue.serve(self._receive, more=lambda: self.port_open and bool(self.pending_input)))
         if index == CONTROL_TRANSMIT_QUEUE:
-            return bool(drain(queue, self._control_from_driver))
+            return bool(queue.serve(self._control_from_driver))
         if index == CONTROL_RECEIVE_QUEUE:
-            return bool(drain(queue, self._control_to_driver, more=lambda: bool(self.pending_control)))
+            return bool(queue.serve(self._control_to_driver, more=lambda: bool(self.pending_control)))
         return False
 
     def process(self, queue_index: int) -> list[int]:

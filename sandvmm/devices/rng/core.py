@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from sandvmm.devices.virtio.device import RING_FEATURES, drain
+from sandvmm.devices.virtio.device import RING_FEATURES
 from sandvmm.devices.virtio.queue import Chain, SplitQueue
 
 VIRTIO_ID_ENTROPY = 4
@@ -40,4 +40,4 @@ class RngCore:
     def process(self, queue_index: int) -> list[int]:
         if queue_index != REQUEST_QUEUE or self.queue is None:
             return []
-        return [REQUEST_QUEUE] if drain(self.queue, self._fill) else []
+        return [REQUEST_QUEUE] if self.queue.serve(self._fill) else []

@@ -25,6 +25,7 @@ import re
 import struct
 import threading
 from dataclasses import dataclass
+from typing import Callable
 
 from sandvmm.memory import GuestMemoryError
 
@@ -68,8 +69,6 @@ BULK_TABLE_BYTES = 28 * DESCRIPTOR_SIZE
 _FLAG_BITS = bytes(value & 7 for value in range(256))
 _ORDINARY_FLAGS = re.compile(rb"\x01*(?:\x00|\x03*\x02)")
 
-# A virtio-blk request of one buffer (4 KiB random I/O) is a 3-entry table: header, data,
-# status. Read with one unpack and checked as a whole, it pops in about half the walk's time.
 _unpack_three_descriptors = struct.Struct("<" + "QIHH" * 3).unpack_from
 THREE_DESCRIPTORS_BYTES = 3 * DESCRIPTOR_SIZE
 
@@ -145,6 +144,14 @@ class Chain:
         self.writable = writable
         self.readable_length = readable_length
         self.writable_length = writable_length
+
+    @classmethod
+    def of_three(cls, head: int, first: memoryview, second: memoryview, second_is_writable: bool,
+                 third: memoryview) -> Chain:
+        """The chain of three buffers, the first readable and the third writable."""
+        if second_is_writable:
+            return cls(head, [first], [second, third], len(first), len(second) + len(third))
+        return cls(head, [first, second], [third], len(first) + len(second), len(third))
 
     def __repr__(self) -> str:
         return (f"Chain(head={self.head}, readable={[len(v) for v in self.readable]}, "
@@ -229,7 +236,8 @@ class SplitQueue:
     device process takes over a running queue (restore, restart); a fresh queue is 0/0.
     Raises GuestError(head=None) if the configuration is unusable.
 
-    Notifications start enabled. A typical loop, on each kick:
+    Notifications start enabled. A device serves a queue on each kick with `serve()`,
+    or by hand:
 
         queue.set_notifications(False)   # optional: fewer kicks while we drain
         while (chain := queue.pop()) is not None: ...handle, add_used...
@@ -238,8 +246,9 @@ class SplitQueue:
 
     The re-check after re-enabling is required: a driver that published a buffer
     before it could see notifications re-enabled will not kick, and nobody would pop
-    that buffer. With EVENT_IDX, `pop()` does this re-check itself when it finds the
-    ring empty with notifications enabled, so a plain "pop until None" loop is safe.
+    that buffer. With EVENT_IDX, `pop()` and `serve()` do this re-check themselves when
+    they find the ring empty with notifications enabled, so a plain "pop until None"
+    loop is safe.
     """
 
     def __init__(self, memory, config: QueueConfig, *, event_idx: bool, indirect: bool,
@@ -310,31 +319,100 @@ class SplitQueue:
         far ahead, head index out of range); with the head if that chain is malformed
         (it is consumed, so the next pop() moves on).
         """
-        if self._pending() == 0:
-            if not (self.event_idx and self._notifications):
-                return None
-            # Ask for a kick on the next buffer, then look again: see the class docstring.
-            _pack_u16(self._used, self._avail_event_offset, self._last_available)
-            full_barrier()
-            if self._pending() == 0:
-                return None
+        if not self._available():
+            return None
+        return self._chain(self._take_head())
+
+    def serve(self, handle: Callable[[Chain], int], *, more: Callable[[], bool] | None = None,
+              handle_three: Callable[[memoryview, memoryview, bool, memoryview], int | None] | None = None) -> int:
+        """Complete available chains while `more()` holds (when given), each with the byte
+        count its handler says it wrote into it; returns how many were completed.
+
+        A malformed chain is completed with 0 bytes and the queue goes on; a broken ring
+        (GuestError without a head) propagates.
+
+        `handle_three`, when given, is offered first every chain that is one ordinary
+        indirect table of three entries in low RAM, as its buffers' views (the first
+        read-only, the last writable) and whether the middle one is writable; it returns
+        None for a chain it leaves to `handle`. That is every virtio-blk request of one
+        buffer (header, data, status: 4 KiB random I/O), and this loop is its data path:
+        the table is read with one unpack and checked whole, inline, and no Chain is made.
+        Ordinary means what `_ordinary_table` says (entries linked in order, no nested
+        table, readable before writable); anything else is walked, which finds and words
+        every error.
+        """
+        completed = pending = 0
+        offer_three = handle_three is not None and self.indirect
+        descriptors, ram_end, ram, readonly = self._descriptors, self._ram_end, self._ram, self._ram_readonly
+        three_end = ram_end - THREE_DESCRIPTORS_BYTES
+        while more is None or more():
+            if not pending:
+                pending = self._available()  # one read of the avail idx per batch
+                if not pending:
+                    break
+            pending -= 1
+            head = self._take_head()
+            written = None
+            if offer_three:
+                table, length, flags, _ = _unpack_descriptor(descriptors, head << 4)
+                if (length == THREE_DESCRIPTORS_BYTES and table <= three_end
+                        and flags & (VIRTQ_DESC_F_INDIRECT | VIRTQ_DESC_F_NEXT) == VIRTQ_DESC_F_INDIRECT):
+                    (address0, length0, flags0, next0, address1, length1, flags1, next1,
+                     address2, length2, flags2, _) = _unpack_three_descriptors(readonly, table)
+                    end0, end1, end2 = address0 + length0, address1 + length1, address2 + length2
+                    # Entry 0 readable, entry 2 writable, entry 1 either; none INDIRECT.
+                    if (next0 == 1 and next1 == 2 and flags0 & 7 == VIRTQ_DESC_F_NEXT
+                            and flags1 & 5 == VIRTQ_DESC_F_NEXT and flags2 & 7 == VIRTQ_DESC_F_WRITE
+                            and end0 <= ram_end and end1 <= ram_end and end2 <= ram_end
+                            and length0 + length1 + length2 <= MAX_CHAIN_BYTES):
+                        second_is_writable = flags1 & VIRTQ_DESC_F_WRITE != 0
+                        buffers = (readonly[address0:end0], (ram if second_is_writable else readonly)[address1:end1],
+                                   second_is_writable, ram[address2:end2])
+                        written = handle_three(*buffers)
+                        if written is None:
+                            written = handle(Chain.of_three(head, *buffers))
+            if written is None:
+                try:
+                    chain = self._chain(head)
+                except GuestError as error:
+                    if error.head is None:
+                        raise
+                    written = 0
+                else:
+                    written = handle(chain)
+            self._publish_used(head, written)
+            completed += 1
+        return completed
+
+    def _available(self) -> int:
+        """Published chains not yet popped; with EVENT_IDX and notifications on, finding
+        none first asks for a kick on the next one and looks again (see the class docstring)."""
+        pending = self._pending()
+        if pending or not (self.event_idx and self._notifications):
+            return pending
+        _pack_u16(self._used, self._avail_event_offset, self._last_available)
+        full_barrier()
+        return self._pending()
+
+    def _take_head(self) -> int:
+        """The head of the next available chain, which is then consumed."""
         slot = self._last_available & self._mask
         head = _unpack_u16(self._avail, 4 + 2 * slot)[0]
         self._last_available = (self._last_available + 1) & 0xFFFF
         if head >= self.size:
             raise GuestError(f"available ring slot {slot} names descriptor {head}, "
                              f"beyond the queue size {self.size}")
+        return head
+
+    def _chain(self, head: int) -> Chain:
+        """Chain `head`, from a long indirect table read in bulk if it is ordinary, else walked."""
         if self.indirect:
-            # The data path: Linux puts every request behind one indirect table, in low RAM.
-            # Such a table is read whole, if it is ordinary; anything else is walked.
+            # Linux puts every request behind one indirect table, in low RAM.
             address, length, flags, _ = _unpack_descriptor(self._descriptors, head << 4)
             if (flags & (VIRTQ_DESC_F_INDIRECT | VIRTQ_DESC_F_NEXT) == VIRTQ_DESC_F_INDIRECT
+                    and BULK_TABLE_BYTES <= length <= self.size << 4 and not length & 15
                     and address + length <= self._ram_end):
-                chain = None
-                if length == THREE_DESCRIPTORS_BYTES:
-                    chain = self._three_entry_table(head, address)
-                elif BULK_TABLE_BYTES <= length <= self.size << 4 and not length & 15:
-                    chain = self._ordinary_table(head, self._ram_readonly[address:address + length], length >> 4)
+                chain = self._ordinary_table(head, self._ram_readonly[address:address + length], length >> 4)
                 if chain is not None:
                     return chain
         try:
@@ -380,27 +458,6 @@ class SplitQueue:
         writable = [ram[start:start + size] for start, size
                     in zip(addresses[readable_count:], lengths[readable_count:])]
         return Chain(head, readable, writable, readable_length, writable_length)
-
-    def _three_entry_table(self, head: int, table_address: int) -> Chain | None:
-        """The chain in the indirect table of 3 entries at `table_address` (in low RAM), if
-        it is ordinary (see `_ordinary_table`): entry 0 readable, entry 2 writable, entry 1
-        either; else None."""
-        (address0, length0, flags0, next0, address1, length1, flags1, next1,
-         address2, length2, flags2, _) = _unpack_three_descriptors(self._ram_readonly, table_address)
-        if next0 != 1 or next1 != 2 or flags0 & 7 != VIRTQ_DESC_F_NEXT or flags2 & 7 != VIRTQ_DESC_F_WRITE:
-            return None
-        ram_end = self._ram_end
-        end0, end1, end2 = address0 + length0, address1 + length1, address2 + length2
-        if end0 > ram_end or end1 > ram_end or end2 > ram_end or length0 + length1 + length2 > MAX_CHAIN_BYTES:
-            return None
-        readonly, writable = self._ram_readonly, self._ram
-        if flags1 & 7 == VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE:  # a read: the data is writable
-            return Chain(head, [readonly[address0:end0]], [writable[address1:end1], writable[address2:end2]],
-                         length0, length1 + length2)
-        if flags1 & 7 == VIRTQ_DESC_F_NEXT:  # a write: the data is readable
-            return Chain(head, [readonly[address0:end0], readonly[address1:end1]], [writable[address2:end2]],
-                         length0 + length1, length2)
-        return None
 
     def _walk(self, head: int) -> Chain:
         """Any chain, one descriptor at a time, with every check and its error."""
@@ -464,15 +521,15 @@ class SplitQueue:
         return Chain(head, readable, writable, readable_length, writable_length)
 
     def add_used(self, head: int, written: int) -> None:
-        """Return chain `head` to the driver, `written` bytes having been written into it.
-
-        The element is stored before the idx that publishes it: a driver that sees the
-        new idx must find the element already there.
-        """
+        """Return chain `head` to the driver, `written` bytes having been written into it."""
         if not 0 <= head < self.size:
             raise ValueError(f"head {head} is not a descriptor of a queue of {self.size}")
-        slot = self._next_used & self._mask
-        _pack_used_element(self._used, 4 + 8 * slot, head, written)
+        self._publish_used(head, written)
+
+    def _publish_used(self, head: int, written: int) -> None:
+        # The element is stored before the idx that publishes it: a driver that sees the
+        # new idx must find the element already there.
+        _pack_used_element(self._used, 4 + 8 * (self._next_used & self._mask), head, written)
         self._next_used = next_used = (self._next_used + 1) & 0xFFFF
         _pack_u16(self._used, 2, next_used)
 
