@@ -235,22 +235,20 @@ class FileIO:
         for start in range(0, expected, part_size):
             part, rest = cut(rest, part_size)
             parts.append((offset + start, part, min(part_size, expected - start)))
-        self.helpers.run([partial(self._write_part, fd, part_offset, part, size) for part_offset, part, size in parts])
+        self.helpers.run([partial(self._copy, os.pwritev, fd, part_offset, part, size, False)
+                          for part_offset, part, size in parts])
 
-    def _write_part(self, fd: int, offset: int, views: Sequence[memoryview], expected: int) -> None:
-        done = os.pwritev(fd, views, offset)
-        if done != expected:
-            self._finish(os.pwritev, fd, offset, views, done, False)
-
-    # The data path is one preadv/pwritev that moves everything, called by the callers
-    # themselves (a call less per request). The views are taken as they come (any buffer
-    # format: the kernel sees bytes), so nothing is made per view; a 1 MiB guest request
-    # has up to 254 of them.
-
-    def _finish(self, call, fd: int, offset: int, views: Sequence[memoryview], done: int, reading: bool) -> None:
-        """Go on with a transfer whose first call moved `done` bytes: a short transfer (end
-        of file, a signal) or more views than one call takes (`done` 0)."""
-        # Byte views can be cut where the last call stopped.
+    def _copy(self, call, fd: int, offset: int, views: Sequence[memoryview], expected: int, reading: bool) -> None:
+        # The data path: one call that moves everything. The views are taken as they come
+        # (any buffer format: the kernel sees bytes), so nothing is made per view here; a
+        # 1 MiB guest request has up to 254 of them.
+        done = 0
+        if expected and len(views) <= IOV_MAX:
+            done = call(fd, views, offset)
+            if done == expected:
+                return
+        # A short transfer (end of file, a signal) or more views than one call takes: go on
+        # with byte views, which can be cut where the last call stopped.
         views = [view for view in advance(byte_views(views), done) if view.nbytes]
         offset += done
         while views:
@@ -264,10 +262,8 @@ class FileIO:
 
     def read_into(self, offset: int, views: Sequence[memoryview]) -> None:
         try:
-            fd = self.fd if self.buffered_fd is None else self._fd_for(offset, views)
-            done = os.preadv(fd, views, offset) if len(views) <= IOV_MAX else 0
-            if done != total_length(views):
-                self._finish(os.preadv, fd, offset, views, done, True)
+            expected = total_length(views)
+            self._copy(os.preadv, self._fd_for(offset, views), offset, views, expected, True)
         except OSError as error:
             raise self._error(f"read at {offset}", error) from None
         except OverflowError:  # an offset from a corrupt table, beyond what a file can have
@@ -276,14 +272,12 @@ class FileIO:
     def write_from(self, offset: int, views: Sequence[memoryview]) -> None:
         self.unsynced = True
         try:
-            fd = self.fd if self.buffered_fd is None else self._fd_for(offset, views)
+            fd = self._fd_for(offset, views)
             expected = total_length(views)
             if self.helpers is not None and expected >= SPLIT_BYTES:
                 self._split_write(fd, offset, views, expected)
-                return
-            done = os.pwritev(fd, views, offset) if len(views) <= IOV_MAX else 0
-            if done != expected:
-                self._finish(os.pwritev, fd, offset, views, done, False)
+            else:
+                self._copy(os.pwritev, fd, offset, views, expected, False)
         except OSError as error:
             raise self._error(f"write at {offset}", error) from None
         except OverflowError:
