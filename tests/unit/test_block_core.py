@@ -440,12 +440,31 @@ BAD_REQUESTS = {
 }
 
 
+# Linux's layout behind an indirect table (header, one data buffer, status) is served
+# without a Chain (BlockCore._complete_three); the same rules must hold on both paths.
+BOTH_PATHS = pytest.mark.parametrize("indirect", [False, True], ids=["direct", "indirect"])
+
+
+def test_one_buffer_requests_in_indirect_tables_take_the_path_without_a_chain(memory):
+    rig = Rig(memory)
+    chains = []
+    complete = rig.core._complete
+    rig.core._complete = lambda chain: chains.append(chain) or complete(chain)
+    assert rig.one(T_OUT, 3, b"w" * 1024, indirect=True) == (S_OK, b"")
+    assert rig.one(T_IN, 3, writable=[1024, 1], indirect=True) == (S_OK, b"w" * 1024)
+    assert rig.one(T_IN, DISK_SECTORS, writable=[512, 1], indirect=True)[0] == S_IOERR
+    assert chains == []
+    assert rig.one(T_GET_ID, writable=[20, 1], indirect=True)[0] == S_OK  # declined: the Chain path
+    assert len(chains) == 1
+
+
+@BOTH_PATHS
 @pytest.mark.parametrize("name", BAD_REQUESTS)
-def test_a_bad_request_gets_an_error_status_and_touches_nothing(memory, name):
+def test_a_bad_request_gets_an_error_status_and_touches_nothing(memory, name, indirect):
     readable, writable, status = BAD_REQUESTS[name]
     rig = Rig(memory)
     before = bytes(rig.disk.data)
-    head = rig.driver.add_chain(readable=readable, writable=writable)
+    head = rig.driver.add_chain(readable=readable, writable=writable, indirect=indirect)
     assert rig.run() == [(head, 1)]
     assert rig.driver.written_data(head)[-1] == status
     assert rig.disk.calls == [] and rig.disk.data == before
@@ -473,13 +492,14 @@ def test_a_request_with_no_status_byte_is_returned_unexecuted(memory):
     assert rig.read(0) == before[:512]
 
 
-def test_a_read_only_device_refuses_every_write(memory):
+@BOTH_PATHS
+def test_a_read_only_device_refuses_every_write(memory, indirect):
     for disk, options in ((MemoryDisk(read_only=True), {}), (MemoryDisk(), {"read_only": True})):
         rig = Rig(memory, disk, **options)
         before = bytes(disk.data)
         everything = rig.core.features | bits(DISCARD, WRITE_ZEROES)
         rig.core.activate(everything, {0: rig.queue})  # even a driver that claims the features
-        assert rig.one(T_OUT, 0, bytes(512))[0] == S_IOERR
+        assert rig.one(T_OUT, 0, bytes(512), indirect=indirect)[0] == S_IOERR
         assert rig.one(T_DISCARD, data=segments((0, 1, 0)))[0] == S_IOERR
         assert rig.one(T_WRITE_ZEROES, data=segments((0, 1, 0)))[0] == S_IOERR
         assert disk.data == before and all(call[0] != "write" for call in disk.calls)
@@ -499,10 +519,11 @@ def test_features_the_driver_did_not_take_are_unsupported(memory):
     (T_IN, b"", [512, 1]), (T_OUT, bytes(512), [1]), (T_FLUSH, b"", [1]),
     (T_DISCARD, segments((0, 1, 0)), [1]), (T_WRITE_ZEROES, segments((0, 1, 0)), [1]),
 ])
-def test_a_disk_error_is_an_io_error_for_the_guest(memory, failure, request_type, data, writable):
+@BOTH_PATHS
+def test_a_disk_error_is_an_io_error_for_the_guest(memory, failure, request_type, data, writable, indirect):
     rig = Rig(memory)
     rig.disk.failure = failure
-    head = rig.submit(request_type, 0, data, writable=writable)
+    head = rig.submit(request_type, 0, data, writable=writable, indirect=indirect)
     assert rig.run() == [(head, 1)]
     assert rig.driver.written_data(head)[-1] == S_IOERR
     rig.disk.failure = None
