@@ -70,8 +70,10 @@ def queue_bytes(memory: GuestMemory, config: QueueConfig) -> bytes:
 
 
 class QueueWatch:
-    """Wraps a queue's pop and add_used, checking as each chain completes that the core
-    completes what it popped, in order, with a length its writable buffers can hold.
+    """Wraps the queue's steps (taking a head, making its chain, offering a three-entry
+    table to the core, publishing a used entry), checking as each chain completes that the
+    core completes what it took, in order, with a length its writable buffers can hold.
+    Both ways of draining a queue go through these steps: `serve()` and `pop()`/`add_used()`.
 
     `on_complete(chain, length)` may check more; chain is None for a malformed chain.
     """
@@ -79,31 +81,38 @@ class QueueWatch:
     def __init__(self, queue: SplitQueue, config: QueueConfig,
                  on_complete: Callable[[Chain | None, int], None] = lambda c, n: None):
         self.config = config
-        self.popped: list[tuple[int, Chain | None]] = []  # in pop order
+        self.popped: list[tuple[int, Chain | None]] = []  # in the order the heads were taken
         self.completed = 0
-        pop, add_used = queue.pop, queue.add_used
+        take_head, make_chain, publish_used, serve = queue._take_head, queue._chain, queue._publish_used, queue.serve
 
-        def recording_pop():
-            try:
-                chain = pop()
-            except GuestError as error:
-                if error.head is not None:
-                    self.popped.append((error.head, None))
-                raise
-            if chain is not None:
-                self.popped.append((chain.head, chain))
+        def recording_take_head():
+            head = take_head()
+            self.popped.append((head, None))  # stays None if its chain is malformed
+            return head
+
+        def recording_chain(head):
+            chain = make_chain(head)
+            self.popped[-1] = (head, chain)
             return chain
 
-        def checking_add_used(head, length):
+        def watching_serve(handle, *, more=None, handle_three=None):
+            def recording_three(*buffers):
+                head = self.popped[-1][0]
+                self.popped[-1] = (head, Chain.of_three(head, *buffers))
+                return handle_three(*buffers)
+            return serve(handle, more=more, handle_three=recording_three if handle_three else None)
+
+        def checking_publish_used(head, length):
             # Checked now: a later chain's buffers may overlap this one's.
             expected_head, chain = self.popped[self.completed]
             self.completed += 1
             assert head == expected_head, "chains completed out of order"
             assert 0 <= length <= (chain.writable_length if chain else 0), f"used length {length}"
             on_complete(chain, length)
-            add_used(head, length)
+            publish_used(head, length)
 
-        queue.pop, queue.add_used = recording_pop, checking_add_used
+        queue._take_head, queue._chain, queue._publish_used = recording_take_head, recording_chain, checking_publish_used
+        queue.serve = watching_serve
 
     def writable_ranges(self, base: int):
         for _, chain in self.popped:

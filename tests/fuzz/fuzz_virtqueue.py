@@ -4,8 +4,8 @@
 
 Each input is one guest's queue: the configuration, the rings, the descriptor table, a
 data area (where indirect tables and buffers can point) and a few guest actions. The
-harness plays the device: it pops until the ring is empty or broken, reads and writes
-every chain, completes it and asks about interrupts. A GuestError is the guest's fault
+harness plays the device: it pops (or serves) until the ring is empty or broken, reads
+and writes every chain, completes it and asks about interrupts. A GuestError is the guest's fault
 and fine; any other exception, or a broken invariant (an assert below), is a finding.
 
 Input layout (every field read front to back, little-endian; missing bytes read as zero,
@@ -18,8 +18,9 @@ so any byte string is a valid input; make_virtqueue_corpus.py writes the same la
   u16  avail flags, u16 used_event
   u16  ring[size], then 16*size bytes of descriptor table (written where the config says)
   u8   action count (capped at 8), then one byte per action:
-       low 2 bits 0: drain  1: notifications on/off (bit 2)  2: publish more (bits 2-7)
-       3: needs_interrupt
+       low 2 bits 0: drain, by pop() (bit 2 clear) or by serve(), whose three-entry
+       tables go to a handler that takes them (bit 3 clear) or declines them
+       1: notifications on/off (bit 2)  2: publish more (bits 2-7)  3: needs_interrupt
   the rest: the data area at DATA_ADDRESS (at most DATA_SIZE bytes)
 """
 
@@ -29,6 +30,7 @@ import atheris
 
 with atheris.instrument_imports(include=["sandvmm.devices.virtio"]):
     from sandvmm.devices.virtio.queue import (
+        Chain,
         GuestError,
         QueueConfig,
         SplitQueue,
@@ -110,7 +112,9 @@ def run(data: bytes) -> dict:
     try:
         for action in actions + b"\0":  # always end with a drain
             kind = action & 3
-            if kind == 0:
+            if kind == 0 and action & 4:
+                serve(queue, counts, take_three=not action & 8)
+            elif kind == 0:
                 drain(queue, counts)
             elif kind == 1:
                 queue.set_notifications(bool(action & 4))
@@ -144,6 +148,33 @@ def drain(queue, counts) -> None:
             break
         counts["chains"] += 1
         queue.add_used(chain.head, check_chain(chain))
+    queue.needs_interrupt()
+
+
+def serve(queue, counts, take_three: bool) -> None:
+    budget = iter(range(2 * queue.size + 2))  # bounded, as drain() is
+    handled = 0
+
+    def handle(chain):
+        nonlocal handled
+        handled += 1
+        return check_chain(chain)
+
+    def handle_three(header, data, data_is_writable, status):
+        nonlocal handled
+        assert header.readonly and data.readonly != data_is_writable and not status.readonly
+        if not take_three:
+            return None  # the queue makes the Chain and hands it to handle()
+        handled += 1
+        counts["three-entry"] = counts.get("three-entry", 0) + 1
+        chain = Chain.of_three(0, header, data, data_is_writable, status)
+        assert (chain.readable_length, chain.writable_length) == (
+            len(header) + (0 if data_is_writable else len(data)), len(status) + (len(data) if data_is_writable else 0))
+        return check_chain(chain)
+
+    completed = queue.serve(handle, more=lambda: next(budget, None) is not None, handle_three=handle_three)
+    counts["chains"] += handled
+    counts["bad chains"] += completed - handled
     queue.needs_interrupt()
 
 

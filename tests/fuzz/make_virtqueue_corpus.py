@@ -89,6 +89,15 @@ def seeds():
     driver.add_chain(writable=[8])
     yield "loop-then-good", snapshot(driver, start=0), {"chains": 1, "bad chains": 1}
 
+    driver = new_driver(8, event_idx=True)  # block requests of one buffer, served: taken, declined, then walked
+    for _ in range(2):
+        driver.add_chain(readable=[bytes(16)], writable=[512, 1], indirect=True, publish=False)
+        driver.add_chain(readable=[bytes(16), bytes(512)], writable=[1], indirect=True, publish=False)
+    driver.add_chain(readable=[bytes(16)], writable=[256, 256, 1], indirect=True, publish=False)
+    driver.publish()
+    yield "three-entry-served", snapshot(driver, start=0, event_idx=True, indirect=True,
+                                         actions=bytes([4, 2 | 2 << 2, 4 | 8])), {"chains": 7, "three-entry": 4}
+
     driver = new_driver(2)  # the same queue, described through a raw configuration
     driver.add_chain(readable=[b"raw"], writable=[2])
     yield "raw-config", snapshot(driver, start=0, config=QueueConfig(*vars(driver.config).values())), \
