@@ -68,6 +68,16 @@ def drop_capabilities() -> None:
     linux.clear_capability_sets()
 
 
+M_ARENA_MAX = -8  # mallopt(3)
+
+
+def one_malloc_arena() -> None:
+    """Have every thread the target starts allocate from glibc's main arena: a thread's own
+    arena, when it shrinks, has glibc open /proc/sys/vm/overcommit_memory, which a policy
+    without open forbids (the process would die of SIGSYS in free())."""
+    ctypes.CDLL(None).mallopt(M_ARENA_MAX, 1)
+
+
 def set_process_name(name: str) -> None:
     """What ps and /proc/PID/comm show (15 bytes at most), so a jailed child can be told apart."""
     buffer = ctypes.create_string_buffer(name.encode()[:15])

@@ -447,6 +447,8 @@ def _jail_self(plan: _Plan, sock: socket.socket, prepare: Callable[[], None] | N
             privileges.die_with_parent(sock)
     with _step("drop capabilities"):
         privileges.drop_capabilities()
+    with _step("keep one malloc arena"):
+        privileges.one_malloc_arena()
     with _step("load the seccomp filter"):
         listener = seccomp.install_filter(plan.program, listener=plan.notify)
     # From here on, every syscall must be allowed by the policy (HANDSHAKE_SYSCALLS).

@@ -245,3 +245,30 @@ def test_a_posted_write_to_a_dead_child_is_dropped_and_reported(proxy):
     proxy.bar_write(0, virtio_pci.COMMON_CFG_OFFSET, b"\0\0\0\0")  # no exception, no hang
     assert proxy.bar_read(0, virtio_pci.COMMON_CFG_OFFSET, 4) == b"\xff" * 4
     assert gone and set(gone) == {"rng"}
+
+
+def test_a_jailed_child_waits_for_kicks_in_a_thread_its_policy_allows():
+    """Every device child serves its kicks in a thread it starts after the jail: its own
+    policy, with the kill action, must allow all that thread does."""
+    failures = queue.Queue()
+    host = DeviceHost(SandboxOptions(), on_failure=failures.put)
+    memory = GuestMemory(4 * MiB)
+    vm = FakeVm()
+    try:
+        proxy = host.launch(DeviceSpec("rng", RngCore(os.urandom)), memory,
+                            lambda channels: DeviceProxy("rng", vm, IrqRouting(vm), channels, 16))
+        host.start()
+        proxy.config_write(virtio_pci.COMMAND, struct.pack("<H", virtio_pci.COMMAND_MEMORY))  # the child runs
+        (kick,) = [fd for group in proxy.ioevents for fd in group.fds]
+        for _ in range(3):  # no queue is set up: the thread wakes, reads the kick, finds nothing
+            os.eventfd_write(kick, 1)
+            time.sleep(0.2)
+        proxy.config_write(virtio_pci.COMMAND, struct.pack("<H", 0))
+        try:
+            failure = failures.get(timeout=1)
+        except queue.Empty:
+            failure = None
+        assert failure is None
+    finally:
+        host.stop()
+        memory.close()

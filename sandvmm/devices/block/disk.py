@@ -40,7 +40,6 @@ FALLOC_FL_ZERO_RANGE = 0x10
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-M_ARENA_MAX = -8  # mallopt(3)
 
 
 class DiskError(Exception):
@@ -169,9 +168,6 @@ class TransferHelpers:
         self._current: _Transfer | None = None
 
     def _start(self) -> None:
-        # Every thread allocates from glibc's main arena: a thread's own arena, when it
-        # shrinks, has glibc open /proc/sys/vm/overcommit_memory, which the jail forbids.
-        _libc.mallopt(M_ARENA_MAX, 1)
         for number in range(self.threads):
             wake = threading.Lock()
             wake.acquire()

@@ -25,7 +25,12 @@ def input_pump(fd: int, core: ConsoleCore):
                 continue
             if not data:
                 return
-            while not core.feed(data):  # the guest is not reading: wait instead of dropping
+            while not _feed(shell, core, data):  # the guest is not reading: wait instead of dropping
                 await trio.sleep(0.05)
             shell.process(RECEIVE_QUEUE)
     return pump
+
+
+def _feed(shell, core: ConsoleCore, data: bytes) -> bool:
+    with shell.lock:  # the shell's kick thread may be serving the receive queue meanwhile
+        return core.feed(data)
