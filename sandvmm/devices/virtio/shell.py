@@ -52,7 +52,6 @@ def _eventfd() -> int:
     return os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
 
 
-
 class DeviceShell:
     def __init__(self, core: DeviceCore, memory: GuestMemory, config_fd: int, irq_fd: int, memory_fd: int,
                  backend_tasks: Sequence[BackendTask] = ()):
