@@ -20,7 +20,6 @@ from typing import Callable, Iterable
 
 from sandvmm.devices.virtio.queue import (
     Chain,
-    GuestError,
     QueueConfig,
     SplitQueue,
     descriptor_table_size,
