@@ -134,6 +134,11 @@ def _sandbox_without_eventfd2(tmp_path, log_failures):
     return SandboxOptions(policy_dir=policy_dir, log_failures=log_failures)
 
 
+def _launch_rng(host, memory, vm) -> DeviceProxy:
+    return host.launch(DeviceSpec("rng", RngCore(os.urandom)), memory,
+                       lambda channels: DeviceProxy("rng", vm, IrqRouting(vm), channels, 16))
+
+
 @pytest.mark.parametrize("log_failures", [False, True])
 def test_a_child_breaking_its_policy_while_starting_is_stopped_or_logged_not_waited_for(tmp_path, log_failures):
     """The supervisor collects the starting child's seccomp listener and answers it."""
@@ -143,8 +148,7 @@ def test_a_child_breaking_its_policy_while_starting_is_stopped_or_logged_not_wai
     vm = FakeVm()
     started = time.monotonic()
     try:
-        spec = DeviceSpec("rng", RngCore(os.urandom))
-        proxy = host.launch(spec, memory, lambda channels: DeviceProxy("rng", vm, IrqRouting(vm), channels, 16))
+        proxy = _launch_rng(host, memory, vm)
         assert time.monotonic() - started < 5  # launch() did not wait for the child
         host.start()
         if log_failures:  # let through: the child runs and answers a write
@@ -171,8 +175,7 @@ def test_a_child_that_cannot_start_stops_the_vm_with_a_reason(tmp_path, monkeypa
     memory = GuestMemory(4 * MiB)
     vm = FakeVm()
     try:
-        proxy = host.launch(DeviceSpec("rng", RngCore(os.urandom)), memory,
-                            lambda channels: DeviceProxy("rng", vm, IrqRouting(vm), channels, 16))
+        proxy = _launch_rng(host, memory, vm)
         host.start()
         started = time.monotonic()
         host.wait_started()  # a one-CPU host waits here before its vCPUs: the failure ends the wait
@@ -193,8 +196,7 @@ def test_a_guest_access_waits_for_a_starting_child_and_ioevents_follow_an_early_
     memory = GuestMemory(4 * MiB)
     vm = FakeVm()
     try:
-        proxy = host.launch(DeviceSpec("rng", RngCore(os.urandom)), memory,
-                            lambda channels: DeviceProxy("rng", vm, IrqRouting(vm), channels, 16))
+        proxy = _launch_rng(host, memory, vm)
         assert proxy.config_read(0, 2) == struct.pack("<H", virtio_pci.VIRTIO_VENDOR_ID)  # no child needed
         proxy.bar_mapped(virtio_pci.BAR_INDEX, 0xE000_0000)  # the guest maps the BAR before the child registered
         host.start()  # the supervisor serves the child's registrations
@@ -218,8 +220,7 @@ def test_with_one_cpu_children_do_not_preempt_the_guest_when_kicked(monkeypatch,
     memory = GuestMemory(4 * MiB)
     vm = FakeVm()
     try:
-        host.launch(DeviceSpec("rng", RngCore(os.urandom)), memory,
-                    lambda channels: DeviceProxy("rng", vm, IrqRouting(vm), channels, 16))
+        _launch_rng(host, memory, vm)
         assert os.sched_getscheduler(host.devices[0].process.pid) == policy
     finally:
         host.stop()
@@ -255,14 +256,15 @@ def test_a_jailed_child_waits_for_kicks_in_a_thread_its_policy_allows():
     memory = GuestMemory(4 * MiB)
     vm = FakeVm()
     try:
-        proxy = host.launch(DeviceSpec("rng", RngCore(os.urandom)), memory,
-                            lambda channels: DeviceProxy("rng", vm, IrqRouting(vm), channels, 16))
+        proxy = _launch_rng(host, memory, vm)
         host.start()
         proxy.config_write(virtio_pci.COMMAND, struct.pack("<H", virtio_pci.COMMAND_MEMORY))  # the child runs
         (kick,) = [fd for group in proxy.ioevents for fd in group.fds]
         for _ in range(3):  # no queue is set up: the thread wakes, reads the kick, finds nothing
             os.eventfd_write(kick, 1)
             time.sleep(0.2)
+            with pytest.raises(BlockingIOError):  # the kick was read: the counter is back at 0
+                os.eventfd_read(kick)
         proxy.config_write(virtio_pci.COMMAND, struct.pack("<H", 0))
         try:
             failure = failures.get(timeout=1)
