@@ -42,7 +42,8 @@ class DeviceCore(virtio_pci.VirtioDeviceModel, Protocol):
 
     def process(self, queue_index: int) -> Sequence[int]:
         """Handle the queue's available chains, or a slice of them; return the queues that
-        got used entries. The shell interrupts for those and calls again until none did."""
+        got used entries. The shell interrupts for those, and calls again while the queue
+        still has chains available."""
 
 
 BackendTask = Callable[["DeviceShell"], Awaitable[None]]  # host-side work, e.g. reading input
@@ -217,19 +218,20 @@ class DeviceShell:
             self._process(index)
 
     def _process(self, index: int) -> None:
-        if index not in self.queues:
+        queue = self.queues.get(index)
+        if queue is None:
             return
-        while True:
-            try:
-                used = self.core.process(index)
-            except GuestError as error:
-                self.log(f"guest error on queue {index}: {error}; the device needs a reset")
-                self.queues = {}
-                self.deliver(self.transport.needs_reset())
-                return
-            if not used:
-                return
-            self.interrupt(used)
+        try:
+            # Again only while chains are left (a core that serves in slices stopped
+            # early): a core that drained the queue asked for a kick on the next chain.
+            while used := self.core.process(index):
+                self.interrupt(used)
+                if not queue.has_available():
+                    return
+        except GuestError as error:
+            self.log(f"guest error on queue {index}: {error}; the device needs a reset")
+            self.queues = {}
+            self.deliver(self.transport.needs_reset())
 
     def interrupt(self, used: Sequence[int]) -> None:
         for queue_index in used:
