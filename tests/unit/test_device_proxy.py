@@ -2,6 +2,7 @@
 
 import os
 import queue
+import select
 import shutil
 import struct
 import time
@@ -263,8 +264,7 @@ def test_a_jailed_child_waits_for_kicks_in_a_thread_its_policy_allows():
         for _ in range(3):  # no queue is set up: the thread wakes, reads the kick, finds nothing
             os.eventfd_write(kick, 1)
             time.sleep(0.2)
-            with pytest.raises(BlockingIOError):  # the kick was read: the counter is back at 0
-                os.eventfd_read(kick)
+            assert not select.select([kick], [], [], 0)[0]  # the kick was read: the counter is back at 0
         proxy.config_write(virtio_pci.COMMAND, struct.pack("<H", 0))
         try:
             failure = failures.get(timeout=1)
