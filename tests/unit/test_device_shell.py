@@ -10,7 +10,7 @@ import pytest
 from sandvmm.devices.block.core import SLICE_BYTES
 from sandvmm.devices.virtio.shell import DeviceShell
 from sandvmm.memory import GuestMemory, MiB
-from tests.unit.test_block_core import T_IN, MemoryDisk, Rig
+from tests.unit.block_rig import T_IN, MemoryDisk, Rig
 
 
 @pytest.fixture(scope="module")

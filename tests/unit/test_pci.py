@@ -1,6 +1,5 @@
 """The PCI root: configuration space through ECAM, BARs and their windows."""
 
-import struct
 
 import pytest
 
