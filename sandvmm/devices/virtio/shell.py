@@ -7,9 +7,9 @@ did; the device core says which queues got used buffers; this loop turns that in
 writes and requests to main.
 
 The kicks are waited for in a thread of their own, in a blocking read or a plain epoll, not
-by trio: a trio wakeup costs about 6 µs of Python on the host, a fixed cost per kick that was about a third
-of the child's Python per 1 MiB read in a 1-vCPU lab. Whatever touches the cores holds
-`lock`: the kick thread, and trio's (config requests, backend tasks).
+by trio: a trio wakeup costs about 6 µs of Python on the host, a fixed cost per kick that
+was about a third of the child's Python per 1 MiB read in a 1-vCPU lab. Whatever touches
+the cores holds `lock`: the kick thread, and trio's (config requests, backend tasks).
 """
 
 from __future__ import annotations
