@@ -100,11 +100,11 @@ class Rig:
     """A driver, a queue and a core over one disk, with the negotiated features given."""
 
     def __init__(self, memory, disk=None, *, features: int | None = None, size: int = 64, data_size: int = 4 * MiB,
-                 **options):
+                 event_idx: bool = False, **options):
         self.memory = memory
         self.disk = MemoryDisk() if disk is None else disk
-        self.driver = FakeDriver(memory, size=size, address=0x10000, data_size=data_size)
-        self.queue = SplitQueue(memory, self.driver.config, event_idx=False, indirect=True)
+        self.driver = FakeDriver(memory, size=size, address=0x10000, data_size=data_size, event_idx=event_idx)
+        self.queue = SplitQueue(memory, self.driver.config, event_idx=event_idx, indirect=True)
         self.core = BlockCore(self.disk, **options)
         self.core.activate(self.core.features if features is None else features, {0: self.queue})
 

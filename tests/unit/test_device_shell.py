@@ -23,7 +23,7 @@ class ShellRig(Rig):
     interrupts it raises (what it asked the transport for, before any eventfd)."""
 
     def __init__(self, memory, **options):
-        super().__init__(memory, MemoryDisk(4 * MiB), **options)
+        super().__init__(memory, MemoryDisk(4 * MiB), event_idx=True, **options)  # as Linux negotiates
         channels = [socket.socketpair() for _ in range(3)]
         self.peers = [peer for _, peer in channels]  # kept open: the shell's ends close with them
         self.shell = DeviceShell(self.core, memory, *(ours.detach() for ours, _ in channels))
@@ -38,6 +38,11 @@ class ShellRig(Rig):
         self.core.process = counting_process
         self.shell.interrupt = self.interrupts.append
 
+    def next_request_kicks(self) -> bool:
+        """Whether the driver would kick for one more request (else the device never hears of it)."""
+        self.submit(T_IN, 0, writable=[512, 1], publish=False)
+        return self.driver.publish()
+
 
 def test_a_drained_queue_is_not_served_twice_for_one_kick(memory):
     rig = ShellRig(memory, slice_bytes=None)
@@ -47,6 +52,7 @@ def test_a_drained_queue_is_not_served_twice_for_one_kick(memory):
     assert [head for head, _ in rig.driver.used()] == heads
     rig.shell.process(0)  # a kick with nothing new: one look, no interrupt
     assert rig.calls == [3, 0] and rig.interrupts == [[0]]
+    assert rig.next_request_kicks()
 
 
 def test_a_core_serving_in_slices_is_called_until_the_queue_is_empty(memory):
@@ -56,6 +62,8 @@ def test_a_core_serving_in_slices_is_called_until_the_queue_is_empty(memory):
     # One request a slice, an interrupt after each, so that the driver reaps them early.
     assert rig.calls == [3, 2, 1] and rig.interrupts == [[0], [0], [0]]
     assert [head for head, _ in rig.driver.used()] == heads
+    # The last slice ended with the queue: finding it empty must still ask for a kick.
+    assert rig.next_request_kicks()
 
 
 def test_a_ring_broken_between_slices_asks_for_a_reset(memory, monkeypatch):

@@ -246,9 +246,9 @@ class SplitQueue:
 
     The re-check after re-enabling is required: a driver that published a buffer
     before it could see notifications re-enabled will not kick, and nobody would pop
-    that buffer. With EVENT_IDX, `pop()` and `serve()` do this re-check themselves when
-    they find the ring empty with notifications enabled, so a plain "pop until None"
-    loop is safe.
+    that buffer. With EVENT_IDX, `pop()`, `serve()` and `has_available()` do this
+    re-check themselves when they find the ring empty with notifications enabled, so a
+    plain "pop until None" loop is safe.
     """
 
     def __init__(self, memory, config: QueueConfig, *, event_idx: bool, indirect: bool,
@@ -309,8 +309,10 @@ class SplitQueue:
         return pending
 
     def has_available(self) -> bool:
-        """Whether the driver has published chains we have not popped."""
-        return self._pending() != 0
+        """Whether the driver has published chains we have not popped. Finding none, it
+        asks for a kick on the next one, as `pop()` and `serve()` do: a device that stops
+        serving on this answer must get that kick."""
+        return self._available() != 0
 
     def pop(self) -> Chain | None:
         """The next available chain, or None.
