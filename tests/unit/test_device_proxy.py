@@ -1,5 +1,6 @@
 """Main's proxy of a device child, against a real (unjailed) child on the host: no KVM needed."""
 
+import contextlib
 import os
 import queue
 import select
@@ -135,21 +136,27 @@ def _sandbox_without_eventfd2(tmp_path, log_failures):
     return SandboxOptions(policy_dir=policy_dir, log_failures=log_failures)
 
 
-def _launch_rng(host, memory, vm) -> DeviceProxy:
-    return host.launch(DeviceSpec("rng", RngCore(os.urandom)), memory,
-                       lambda channels: DeviceProxy("rng", vm, IrqRouting(vm), channels, 16))
+@contextlib.contextmanager
+def rng_child(options: SandboxOptions, on_failure=lambda why: None):
+    """(host, proxy, vm): an rng child launched (host.start() supervises it), stopped at the end."""
+    host = DeviceHost(options, on_failure=on_failure)
+    memory = GuestMemory(4 * MiB)
+    vm = FakeVm()
+    try:
+        proxy = host.launch(DeviceSpec("rng", RngCore(os.urandom)), memory,
+                            lambda channels: DeviceProxy("rng", vm, IrqRouting(vm), channels, 16))
+        yield host, proxy, vm
+    finally:
+        host.stop()
+        memory.close()
 
 
 @pytest.mark.parametrize("log_failures", [False, True])
 def test_a_child_breaking_its_policy_while_starting_is_stopped_or_logged_not_waited_for(tmp_path, log_failures):
     """The supervisor collects the starting child's seccomp listener and answers it."""
     failures = queue.Queue()
-    host = DeviceHost(_sandbox_without_eventfd2(tmp_path, log_failures), on_failure=failures.put)
-    memory = GuestMemory(4 * MiB)
-    vm = FakeVm()
     started = time.monotonic()
-    try:
-        proxy = _launch_rng(host, memory, vm)
+    with rng_child(_sandbox_without_eventfd2(tmp_path, log_failures), failures.put) as (host, proxy, _):
         assert time.monotonic() - started < 5  # launch() did not wait for the child
         host.start()
         if log_failures:  # let through: the child runs and answers a write
@@ -158,9 +165,6 @@ def test_a_child_breaking_its_policy_while_starting_is_stopped_or_logged_not_wai
             assert failures.empty()
         else:
             assert failures.get(timeout=10) == "device rng was stopped by its seccomp policy (eventfd2)"
-    finally:
-        host.stop()
-        memory.close()
     assert time.monotonic() - started < 10
 
 
@@ -172,11 +176,7 @@ def test_a_child_that_cannot_start_stops_the_vm_with_a_reason(tmp_path, monkeypa
 
     monkeypatch.setattr(devices, "_import_device_loop", broken_import)
     failures = queue.Queue()
-    host = DeviceHost(SandboxOptions(), on_failure=failures.put)
-    memory = GuestMemory(4 * MiB)
-    vm = FakeVm()
-    try:
-        proxy = _launch_rng(host, memory, vm)
+    with rng_child(SandboxOptions(), failures.put) as (host, proxy, _):
         host.start()
         started = time.monotonic()
         host.wait_started()  # a one-CPU host waits here before its vCPUs: the failure ends the wait
@@ -186,18 +186,11 @@ def test_a_child_that_cannot_start_stops_the_vm_with_a_reason(tmp_path, monkeypa
                                  "ImportError: no module named trio"), reason
         # A vCPU that asks the dead child gets all-ones, not a hang.
         assert proxy.config_read(virtio_pci.PCI_CFG_DATA, 4) == b"\xff" * 4
-    finally:
-        host.stop()
-        memory.close()
 
 
 def test_a_guest_access_waits_for_a_starting_child_and_ioevents_follow_an_early_mapping(tmp_path):
     """The vCPUs run before the children are up: reads come from main, writes wait."""
-    host = DeviceHost(SandboxOptions(enabled=False), on_failure=lambda why: None)
-    memory = GuestMemory(4 * MiB)
-    vm = FakeVm()
-    try:
-        proxy = _launch_rng(host, memory, vm)
+    with rng_child(SandboxOptions(enabled=False)) as (host, proxy, vm):
         assert proxy.config_read(0, 2) == struct.pack("<H", virtio_pci.VIRTIO_VENDOR_ID)  # no child needed
         proxy.bar_mapped(virtio_pci.BAR_INDEX, 0xE000_0000)  # the guest maps the BAR before the child registered
         host.start()  # the supervisor serves the child's registrations
@@ -209,23 +202,13 @@ def test_a_guest_access_waits_for_a_starting_child_and_ioevents_follow_an_early_
             time.sleep(0.01)
         transport = virtio_pci.VirtioPciTransport(RngCore(os.urandom))
         assert vm.ioevents == [0xE000_0000 + transport.notify_offset(0)]
-    finally:
-        host.stop()
-        memory.close()
 
 
 @pytest.mark.parametrize("cpus, policy", [(1, os.SCHED_BATCH), (2, os.SCHED_OTHER)])
 def test_with_one_cpu_children_do_not_preempt_the_guest_when_kicked(monkeypatch, cpus, policy):
     monkeypatch.setattr("sandvmm.main.devices.host_cpus", lambda: cpus)
-    host = DeviceHost(SandboxOptions(enabled=False), on_failure=lambda why: None)
-    memory = GuestMemory(4 * MiB)
-    vm = FakeVm()
-    try:
-        _launch_rng(host, memory, vm)
+    with rng_child(SandboxOptions(enabled=False)) as (host, _, _):
         assert os.sched_getscheduler(host.devices[0].process.pid) == policy
-    finally:
-        host.stop()
-        memory.close()
 
 
 def test_bar_writes_are_posted_and_a_later_read_sees_them_all(proxy):
@@ -253,11 +236,7 @@ def test_a_jailed_child_waits_for_kicks_in_a_thread_its_policy_allows():
     """Every device child serves its kicks in a thread it starts after the jail: its own
     policy, with the kill action, must allow all that thread does."""
     failures = queue.Queue()
-    host = DeviceHost(SandboxOptions(), on_failure=failures.put)
-    memory = GuestMemory(4 * MiB)
-    vm = FakeVm()
-    try:
-        proxy = _launch_rng(host, memory, vm)
+    with rng_child(SandboxOptions(), failures.put) as (host, proxy, _):
         host.start()
         proxy.config_write(virtio_pci.COMMAND, struct.pack("<H", virtio_pci.COMMAND_MEMORY))  # the child runs
         (kick,) = [fd for group in proxy.ioevents for fd in group.fds]
@@ -271,6 +250,3 @@ def test_a_jailed_child_waits_for_kicks_in_a_thread_its_policy_allows():
         except queue.Empty:
             failure = None
         assert failure is None
-    finally:
-        host.stop()
-        memory.close()

@@ -32,5 +32,5 @@ def input_pump(fd: int, core: ConsoleCore):
 
 
 def _feed(shell, core: ConsoleCore, data: bytes) -> bool:
-    with shell.lock:  # the shell's kick thread may be serving the receive queue meanwhile
+    with shell.lock:  # a kick thread of the shell may be serving the receive queue meanwhile
         return core.feed(data)
