@@ -333,7 +333,7 @@ def _exit_status(outcome: Outcome) -> int:
     if outcome.kind in ("poweroff", "stop"):
         return 0
     if outcome.kind == "reset":
-        print("sandvmm: the guest rebooted; sandvmm exits on reboot, as crosvm does", file=sys.stderr)
+        print(f"sandvmm: the guest rebooted ({outcome.detail}); sandvmm exits on reboot, as crosvm does", file=sys.stderr)
         return 0
     if outcome.kind == "signal":
         print(f"sandvmm: stopped by {outcome.detail}", file=sys.stderr)

@@ -95,10 +95,14 @@ class FakeDriver:
         self._used = memory.slice(device_area, device_area_size(size))
         for view in (self._descriptors, self._avail, self._used):
             view[:] = bytes(len(view))
+        # The driver area as 16-bit fields (flags, idx, ring..., used_event): an item store
+        # is one machine store, which a device on another thread must never see half done
+        # (struct.pack_into zeroes a field before writing it).
+        self._avail_fields = self._avail.cast("H")
         start_index &= 0xFFFF
         self._next_available = self._published = self._last_used = start_index
-        U16.pack_into(self._avail, 2, start_index)
-        U16.pack_into(self._used, 2, start_index)
+        self._avail_fields[1] = start_index
+        self._used[2:4].cast("H")[0] = start_index
         self.set_used_event(start_index)  # a fresh driver wants to hear of the first completion
         self._free = deque(range(size))
         self._in_flight: dict[int, OfferedChain] = {}
@@ -167,7 +171,7 @@ class FakeDriver:
         entries pass the device's avail_event.
         """
         old, new = self._published, self._next_available
-        U16.pack_into(self._avail, 2, new)
+        self._avail_fields[1] = new
         self._published = new
         if old == new:
             return False
@@ -228,11 +232,11 @@ class FakeDriver:
 
     def suppress_interrupts(self, suppress: bool = True) -> None:
         """VIRTQ_AVAIL_F_NO_INTERRUPT (meaningful without EVENT_IDX)."""
-        U16.pack_into(self._avail, 0, VIRTQ_AVAIL_F_NO_INTERRUPT if suppress else 0)
+        self._avail_fields[0] = VIRTQ_AVAIL_F_NO_INTERRUPT if suppress else 0
 
     def set_used_event(self, value: int) -> None:
         """Interrupt me when the used idx passes `value` (with EVENT_IDX)."""
-        U16.pack_into(self._avail, 4 + 2 * self.size, value & 0xFFFF)
+        self._avail_fields[2 + self.size] = value & 0xFFFF
 
     @property
     def avail_event(self) -> int:
@@ -282,12 +286,12 @@ class FakeDriver:
 
     def set_available_idx(self, value: int) -> None:
         """Write the avail idx directly (the driver's own count is left alone)."""
-        U16.pack_into(self._avail, 2, value & 0xFFFF)
+        self._avail_fields[1] = value & 0xFFFF
 
     # ---- internals ----------------------------------------------------------------------
 
     def _push(self, head: int) -> None:
-        U16.pack_into(self._avail, 4 + 2 * (self._next_available & self._mask), head & 0xFFFF)
+        self._avail_fields[2 + (self._next_available & self._mask)] = head & 0xFFFF
         self._next_available = (self._next_available + 1) & 0xFFFF
 
     def _put(self, address: int, data) -> None:

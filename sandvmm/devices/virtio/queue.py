@@ -53,8 +53,6 @@ MAX_CHAIN_BYTES = (1 << 32) - 1
 
 _unpack_descriptor = DESCRIPTOR.unpack_from
 _unpack_u16 = U16.unpack_from
-_pack_u16 = U16.pack_into
-_pack_used_element = USED_ELEMENT.pack_into
 
 # From how many entries an indirect table is checked in bulk. The bulk path costs about
 # 2 µs more than walking a 3-entry table, and overtakes the walk at some 26 entries
@@ -271,6 +269,15 @@ class SplitQueue:
             except GuestMemoryError as error:
                 raise GuestError(f"queue {name} at {address:#x}+{length:#x} is not in RAM") from error
         self._descriptors, self._avail, self._used = views
+        # What we store in the device area, as typed views. An item store is one machine
+        # store; struct.pack_into zeroes its bytes before writing them, and the driver, on
+        # another CPU, can read that zero: a used idx of 0 publishes entries of an earlier
+        # lap ("id N is not a head!" in Linux, seen in 2-vCPU labs).
+        used_ring_end = 4 + 8 * size
+        self._used_flags = self._used[0:2].cast("H")
+        self._used_idx = self._used[2:4].cast("H")
+        self._used_elements = self._used[4:used_ring_end].cast("I")  # id, len; id, len; ...
+        self._avail_event = self._used[used_ring_end:used_ring_end + 2].cast("H")
         self.memory = memory
         # Guest RAM from 0 as plain views, for slicing buffers without a call per buffer:
         # any memory that offers them (GuestMemory does), else none (an end no buffer is below).
@@ -282,7 +289,6 @@ class SplitQueue:
         self.indirect = indirect
         self._mask = size - 1
         self._used_event_offset = 4 + 2 * size  # in the driver area
-        self._avail_event_offset = 4 + 8 * size  # in the device area
         self._last_available = last_available & 0xFFFF
         self._next_used = next_used & 0xFFFF
         self._signalled_used = self._next_used  # used idx when needs_interrupt last ran
@@ -392,7 +398,7 @@ class SplitQueue:
         pending = self._pending()
         if pending or not (self.event_idx and self._notifications):
             return pending
-        _pack_u16(self._used, self._avail_event_offset, self._last_available)
+        self._avail_event[0] = self._last_available
         full_barrier()
         return self._pending()
 
@@ -531,9 +537,11 @@ class SplitQueue:
     def _publish_used(self, head: int, written: int) -> None:
         # The element is stored before the idx that publishes it: a driver that sees the
         # new idx must find the element already there.
-        _pack_used_element(self._used, 4 + 8 * (self._next_used & self._mask), head, written)
+        elements, slot = self._used_elements, (self._next_used & self._mask) << 1
+        elements[slot] = head
+        elements[slot + 1] = written
         self._next_used = next_used = (self._next_used + 1) & 0xFFFF
-        _pack_u16(self._used, 2, next_used)
+        self._used_idx[0] = next_used
 
     def needs_interrupt(self) -> bool:
         """Whether the driver wants an interrupt for the used entries added since the last call.
@@ -571,6 +579,6 @@ class SplitQueue:
     def _publish_notification_state(self) -> None:
         if self.event_idx:
             if self._notifications:
-                _pack_u16(self._used, self._avail_event_offset, self._last_available)
+                self._avail_event[0] = self._last_available
         else:
-            _pack_u16(self._used, 0, 0 if self._notifications else VIRTQ_USED_F_NO_NOTIFY)
+            self._used_flags[0] = 0 if self._notifications else VIRTQ_USED_F_NO_NOTIFY
