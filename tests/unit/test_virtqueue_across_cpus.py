@@ -9,6 +9,7 @@ how a 2-vCPU lab saw Linux's "id N is not a head!".)
 """
 
 import ctypes
+import json
 import os
 import select
 import struct
@@ -24,7 +25,7 @@ SIZE = 8
 
 def _observe(memory: GuestMemory, driver: FakeDriver, ready: int, report: int) -> None:
     """The observer's whole life: sample the device area until the last idx is published,
-    then report (samples, first wrong values) as text."""
+    then report [samples, first wrong values] as JSON."""
     base = ctypes.addressof(ctypes.c_char.from_buffer(memory.mapping)) + driver.config.device_area
     used_idx = ctypes.c_uint16.from_address(base + 2)
     elements = (ctypes.c_uint32 * (2 * SIZE)).from_address(base + 4)
@@ -48,7 +49,7 @@ def _observe(memory: GuestMemory, driver: FakeDriver, ready: int, report: int) -
         event = avail_event.value
         if not START <= event <= START + ROUNDS:
             wrong.append(f"avail_event {event}")
-    os.write(report, repr((samples, wrong)).encode())
+    os.write(report, json.dumps([samples, wrong]).encode())
 
 
 def test_a_driver_on_another_cpu_sees_only_published_values():
@@ -75,7 +76,7 @@ def test_a_driver_on_another_cpu_sees_only_published_values():
             assert not queue.has_available()  # stores avail_event, with the ring empty
             driver.used()
         assert select.select([report_read], [], [], 30)[0], "the observer did not finish"
-        samples, wrong = eval(os.read(report_read, 4096).decode())  # our own repr of ints and strs
+        samples, wrong = json.loads(os.read(report_read, 4096))
     finally:
         os.waitpid(pid, 0)
         for fd in (ready_read, ready_write, report_read):
