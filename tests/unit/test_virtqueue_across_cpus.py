@@ -12,6 +12,7 @@ import ctypes
 import json
 import os
 import select
+import signal
 import struct
 
 from sandvmm.devices.virtio.driver import FakeDriver
@@ -78,6 +79,7 @@ def test_a_driver_on_another_cpu_sees_only_published_values():
         assert select.select([report_read], [], [], 30)[0], "the observer did not finish"
         samples, wrong = json.loads(os.read(report_read, 4096))
     finally:
+        os.kill(pid, signal.SIGKILL)  # done, or waiting for an idx a failed loop never published
         os.waitpid(pid, 0)
         for fd in (ready_read, ready_write, report_read):
             os.close(fd)
